@@ -1,0 +1,63 @@
+# MapQuery RS: `make test` and `make demo` set everything up on a fresh Debian machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+QGIS_PYTHON ?= /usr/bin/python3
+# Debian packages the QGIS side and the test harness need.
+APT_PACKAGES := python3-qgis python3-zmq python3-pytest python3-hypothesis xvfb python3-venv
+STAMP := $(VENV)/.installed
+PYTEST_FLAGS ?= -q
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: all venv system-deps test test-protocol test-backend test-plugin demo bench plugin qgis clean help
+
+help:
+	@echo "make test    install what is missing (venv, Debian QGIS packages) and run every test"
+	@echo "make demo    start a backend and run the main job against it"
+	@echo "make bench   run the benchmarks in bench/"
+	@echo "make plugin  build dist/mapquery_rs.zip for QGIS's 'Install from ZIP'"
+
+# The backend's virtualenv: rebuilt only when pyproject.toml changes.
+venv: $(STAMP)
+$(STAMP): pyproject.toml
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV) || { echo "cannot create a venv: install python3-venv"; exit 1; }
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+# QGIS's own Python with pyzmq, pytest and hypothesis (Debian packages), installed when missing.
+system-deps:
+	@if $(QGIS_PYTHON) -c "import qgis.core, zmq, pytest, hypothesis" 2>/dev/null && command -v xvfb-run >/dev/null; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian packages: $(APT_PACKAGES)"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
+	else \
+		echo "missing Debian packages; run: sudo apt-get install $(APT_PACKAGES)"; exit 1; \
+	fi
+
+test: venv system-deps test-protocol test-backend test-plugin
+
+# The protocol runs under both interpreters: the venv (numpy 2) and QGIS's Python (numpy 1.24).
+test-protocol: venv system-deps
+	$(VPY) -m pytest $(PYTEST_FLAGS) tests/protocol
+	$(QGIS_PYTHON) -m pytest $(PYTEST_FLAGS) -p no:cacheprovider tests/protocol
+
+test-backend: venv
+	$(VPY) -m pytest $(PYTEST_FLAGS) tests/backend
+
+test-plugin: venv system-deps
+	@if [ -d tests/plugin ]; then \
+		QT_QPA_PLATFORM=offscreen BACKEND_PYTHON=$(abspath $(VPY)) $(QGIS_PYTHON) -m pytest $(PYTEST_FLAGS) -p no:cacheprovider tests/plugin; \
+	fi
+
+demo: venv
+	$(VPY) -m backend demo
+
+bench: venv
+	$(VPY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) dist out .pytest_cache

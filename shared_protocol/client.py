@@ -1,0 +1,215 @@
+"""The client library used by the QGIS plugin, the command line and the tests (needs pyzmq, not torch).
+
+Transport: a DEALER socket talking to the backend's ROUTER. Each request carries an id and replies are
+matched to it (stale replies from an earlier, abandoned request are dropped). While a request is in flight
+the client sends heartbeat pings; when ``heartbeat_liveness`` of them go unanswered, or the request's
+timeout passes, it applies the Lazy Pirate pattern: close the socket (LINGER 0), reopen it and resend an
+idempotent request, up to ``retries`` times, then raise ``timeout``/``unavailable``. A request can be
+cancelled from another thread through a :class:`threading.Event`.
+
+One :class:`Client` serves one thread at a time (ZeroMQ sockets are not thread-safe): create one client
+per worker thread or task.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import zmq
+
+from .errors import ErrorCode, ProtocolError
+from .framing import DEFAULT_LIMITS, Limits
+from .messages import PROTOCOL_VERSION, Reply, Request, decode_reply, new_request_id
+from .ops import OPS
+
+ProgressCallback = Callable[[float, str], None]
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+
+
+class Client:
+    """A reliable request/reply client for the backend."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, token: Optional[str] = None, timeout: float = 30.0,
+                 retries: int = 2, heartbeat_interval: float = 1.0, heartbeat_liveness: int = 5,
+                 limits: Limits = DEFAULT_LIMITS, context: Optional["zmq.Context"] = None,
+                 name: str = "shared_protocol-client"):
+        self.address = address
+        self.token = token
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.heartbeat_interval = float(heartbeat_interval)
+        self.heartbeat_liveness = int(heartbeat_liveness)
+        self.limits = limits
+        self.name = name
+        self._ctx = context or zmq.Context.instance()
+        self._socket: Optional[zmq.Socket] = None
+        self._lock = threading.Lock()
+
+    # -- socket management -------------------------------------------------------------------------
+    def _open(self) -> zmq.Socket:
+        if self._socket is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
+            sock.connect(self.address)
+            self._socket = sock
+        return self._socket
+
+    def _reset(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._reset()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- the core request loop ---------------------------------------------------------------------
+    def request(self, op: str, params: Optional[Mapping[str, Any]] = None,
+                arrays: Optional[Mapping[str, Any]] = None, *, timeout: Optional[float] = None,
+                retries: Optional[int] = None, on_progress: Optional[ProgressCallback] = None,
+                cancel: Optional[threading.Event] = None, request_id: Optional[str] = None) -> Reply:
+        """Send one request and wait for its reply. Raises :class:`ProtocolError` on any failure.
+
+        ``timeout`` bounds each attempt; a failed attempt of an idempotent op is retried ``retries`` times
+        on a fresh socket. Progress replies reset nothing but are passed to ``on_progress``.
+        """
+        if op not in OPS:
+            raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown operation {op!r}", known=sorted(OPS))
+        spec = OPS[op]
+        timeout = self.timeout if timeout is None else float(timeout)
+        attempts = 1 + (self.retries if retries is None else int(retries)) if spec.idempotent else 1
+        req = Request(op=op, id=request_id or new_request_id(), params=dict(params or {}),
+                      arrays=dict(arrays or {}), token=self.token)
+        frames = req.encode()
+        with self._lock:
+            last: Optional[ProtocolError] = None
+            for attempt in range(attempts):
+                try:
+                    reply = self._attempt(req, frames, timeout, on_progress, cancel)
+                except ProtocolError as exc:
+                    if exc.code not in (ErrorCode.TIMEOUT, ErrorCode.UNAVAILABLE):
+                        raise
+                    last = exc
+                    self._reset()  # Lazy Pirate: a fresh socket before the next try
+                    continue
+                if reply.status == "error":
+                    assert reply.error is not None
+                    raise reply.error
+                return reply
+            assert last is not None
+            last.details["attempts"] = attempts
+            raise last
+
+    def _attempt(self, req: Request, frames: List[Any], timeout: float,
+                 on_progress: Optional[ProgressCallback], cancel: Optional[threading.Event]) -> Reply:
+        sock = self._open()
+        sock.send_multipart(frames, copy=False)
+        start = time.monotonic()
+        deadline = start + timeout
+        next_beat = start + self.heartbeat_interval
+        beats_unanswered = 0
+        heard = start
+        cancel_sent = False
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        while True:
+            now = time.monotonic()
+            if cancel is not None and cancel.is_set() and not cancel_sent:
+                self._send_cancel(sock, req.id)
+                cancel_sent = True
+                deadline = min(deadline, now + max(2.0, 2 * self.heartbeat_interval))
+            if now >= deadline:
+                if cancel_sent:
+                    raise ProtocolError(ErrorCode.CANCELLED, f"{req.op} cancelled", request_id=req.id)
+                raise ProtocolError(ErrorCode.TIMEOUT, f"no reply to {req.op} from {self.address} within "
+                                    f"{timeout:g} s", request_id=req.id, address=self.address)
+            if req.op != "ping" and now >= next_beat:
+                if beats_unanswered >= self.heartbeat_liveness:
+                    raise ProtocolError(ErrorCode.UNAVAILABLE,
+                                        f"the backend at {self.address} stopped answering (no heartbeat for "
+                                        f"{now - heard:.1f} s)", request_id=req.id, address=self.address)
+                self._send_ping(sock)
+                beats_unanswered += 1
+                next_beat = now + self.heartbeat_interval
+            wait = max(0.0, min(deadline, next_beat) - now)
+            wait = min(wait, 0.05) if cancel is not None else wait
+            if not poller.poll(int(wait * 1000) + 1):
+                continue
+            try:
+                reply = decode_reply(sock.recv_multipart(copy=False), self.limits)
+            except ProtocolError:
+                continue  # a garbled frame: keep waiting for ours
+            heard = time.monotonic()
+            beats_unanswered = 0
+            if reply.id != req.id:
+                continue  # a heartbeat pong or a stale reply of an abandoned attempt
+            if reply.status == "progress":
+                if on_progress is not None:
+                    on_progress(reply.progress or 0.0, reply.message or "")
+                continue
+            return reply
+
+    def _send_ping(self, sock: zmq.Socket) -> None:
+        sock.send_multipart(Request(op="ping", id="hb-" + new_request_id()[:16], token=self.token).encode())
+
+    def _send_cancel(self, sock: zmq.Socket, target: str) -> None:
+        sock.send_multipart(Request(op="cancel", id="cx-" + new_request_id()[:16], params={"target": target},
+                                    token=self.token).encode())
+
+    # -- operations --------------------------------------------------------------------------------
+    def hello(self, **kw: Any) -> Dict[str, Any]:
+        return self.request("hello", {"protocol": PROTOCOL_VERSION, "client": self.name}, **kw).result
+
+    def info(self, **kw: Any) -> Dict[str, Any]:
+        return self.request("info", **kw).result
+
+    def ping(self, **kw: Any) -> Dict[str, Any]:
+        return self.request("ping", **kw).result
+
+    def shutdown(self, **kw: Any) -> Dict[str, Any]:
+        return self.request("shutdown", **kw).result
+
+    def cancel(self, target: str, **kw: Any) -> Dict[str, Any]:
+        return self.request("cancel", {"target": target}, **kw).result
+
+    def classify(self, classes: Sequence[str], tiles: Optional[np.ndarray] = None, *,
+                 canvas: Optional[np.ndarray] = None, **params_and_kw: Any) -> Reply:
+        arrays = {k: v for k, v in (("tiles", tiles), ("canvas", canvas)) if v is not None}
+        params, kw = _split(params_and_kw)
+        return self.request("classify", {"classes": list(classes), **params}, arrays, **kw)
+
+    def rank(self, images: np.ndarray, texts: Optional[Sequence[str]] = None, *,
+             query_images: Optional[np.ndarray] = None, **params_and_kw: Any) -> Reply:
+        arrays = {"images": images}
+        if query_images is not None:
+            arrays["query_images"] = query_images
+        params, kw = _split(params_and_kw)
+        return self.request("rank", {"texts": list(texts) if texts is not None else None, **params}, arrays, **kw)
+
+    def localize(self, canvas: np.ndarray, queries: Sequence[str], **params_and_kw: Any) -> Reply:
+        params, kw = _split(params_and_kw)
+        return self.request("localize", {"queries": list(queries), **params}, {"canvas": canvas}, **kw)
+
+    def embed(self, images: Optional[np.ndarray] = None, texts: Optional[Sequence[str]] = None,
+              **params_and_kw: Any) -> Reply:
+        params, kw = _split(params_and_kw)
+        arrays = {"images": images} if images is not None else {}
+        return self.request("embed", {"texts": list(texts) if texts is not None else None, **params}, arrays,
+                            **kw)
+
+
+_REQUEST_KWARGS = ("timeout", "retries", "on_progress", "cancel", "request_id")
+
+
+def _split(kw: Dict[str, Any]):
+    params = {k: v for k, v in kw.items() if k not in _REQUEST_KWARGS}
+    return params, {k: v for k, v in kw.items() if k in _REQUEST_KWARGS}

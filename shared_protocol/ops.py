@@ -1,0 +1,136 @@
+"""The operations of protocol version 1: their parameters and arrays.
+
+Image arrays are ``uint8`` or ``uint16``, channels last (``H x W x C``, ``C`` in 1, 3 or 4: grey is
+repeated to RGB, a 4th channel is ignored as alpha). ``uint16`` is scaled to [0, 1] with
+``value_range`` when given, else with the 2nd-98th percentile of the request (a flat image falls back to
+``x / 65535``). ``transform`` is an affine in rasterio order ``[a, b, c, d, e, f]`` with
+``x = a*col + b*row + c`` and ``y = d*col + e*row + f`` (pixel corners), ``crs`` is any string rasterio
+understands (``EPSG:32618``, WKT).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+from .schema import ArraySpec, OpSpec, Param
+
+IMAGE_DTYPES = ("uint8", "uint16")
+MAX_TEXT = 500  # characters in one class name or query
+MAX_TEXTS = 2000  # class names / queries in one request
+
+
+def _pair(value) -> Optional[str]:
+    if len(value) != 2 or value[0] >= value[1]:
+        return "must be [low, high] with low < high"
+    return None
+
+
+def _six(value) -> Optional[str]:
+    if len(value) != 6:
+        return "must hold 6 numbers [a, b, c, d, e, f]"
+    if value[0] * value[4] - value[1] * value[3] == 0:
+        return "is not invertible"
+    return None
+
+
+def _odd_or_zero(value) -> Optional[str]:
+    return None if value == 0 or value % 2 == 1 else "must be 0 (off) or odd"
+
+
+ADAPTER = Param("adapter", "str", nullable=True, max_len=200,
+                doc="name of a loaded adapter (see info.adapters); null = the base model")
+VALUE_RANGE = Param("value_range", "float_list", nullable=True, check=_pair,
+                    doc="[low, high] input values mapped to 0 and 1 (uint16 images)")
+TOP_K = Param("top_k", "int", default=5, min=1, max=10000, doc="how many best matches to return")
+
+HELLO = OpSpec(
+    "hello", "Handshake: checks the protocol version and returns the server's info.",
+    params=(Param("protocol", "int", required=True, min=0, doc="the client's protocol version"),
+            Param("client", "str", default="unknown", max_len=200, doc="client name and version")),
+)
+INFO = OpSpec("info", "Protocol and backend versions, model, adapters, device, capabilities, limits.")
+PING = OpSpec("ping", "Liveness check, answered even while a long request runs.")
+CANCEL = OpSpec(
+    "cancel", "Cancel a queued or running request of the same client.",
+    params=(Param("target", "str", required=True, max_len=64, doc="id of the request to cancel"),),
+)
+SHUTDOWN = OpSpec("shutdown", "Stop the server after replying.", idempotent=False)
+
+CLASSIFY = OpSpec(
+    "classify",
+    "Zero-shot labels per tile. Send 'tiles' (N x H x W x C), or one 'canvas' (H x W x C) with tile_size"
+    " (and stride) to classify a grid over it.",
+    params=(
+        Param("classes", "str_list", required=True, min_len=1, max_len=MAX_TEXTS,
+              check=lambda v: None if all(0 < len(s) <= MAX_TEXT and s.strip() for s in v)
+              else f"entries must be non-empty and at most {MAX_TEXT} characters",
+              doc="class names (normalised: lower case, '_' and '/' become spaces)"),
+        TOP_K,
+        Param("templates", "str", default="georsclip", max_len=100,
+              doc="template set: georsclip (105), remoteclip, skyclip, simple, none"),
+        Param("custom_templates", "str_list", nullable=True, min_len=1, max_len=500,
+              check=lambda v: None if all("{}" in t for t in v) else "entries must contain '{}'",
+              doc="templates with '{}' for the class name; overrides 'templates'"),
+        Param("ensemble", "str", default="georsclip", choices=("georsclip", "openclip"),
+              doc="georsclip: mean of raw embeddings then normalise; openclip: normalise each first"),
+        Param("tile_size", "int", nullable=True, min=8, max=65536, doc="grid tile size in canvas pixels"),
+        Param("stride", "int", nullable=True, min=1, max=65536, doc="grid stride (default: tile_size)"),
+        VALUE_RANGE, ADAPTER,
+    ),
+    arrays=(ArraySpec("tiles", IMAGE_DTYPES, (4,), required=False),
+            ArraySpec("canvas", IMAGE_DTYPES, (3,), required=False)),
+    long_running=True,
+)
+
+RANK = OpSpec(
+    "rank",
+    "Similarity of images and queries (texts and/or query images), ranked both ways.",
+    params=(
+        Param("texts", "str_list", nullable=True, max_len=MAX_TEXTS,
+              check=lambda v: None if all(0 < len(s) <= MAX_TEXT for s in v)
+              else f"entries must be 1-{MAX_TEXT} characters"),
+        TOP_K, VALUE_RANGE, ADAPTER,
+    ),
+    arrays=(ArraySpec("images", IMAGE_DTYPES, (4,)),
+            ArraySpec("query_images", IMAGE_DTYPES, (4,), required=False)),
+    long_running=True,
+)
+
+LOCALIZE = OpSpec(
+    "localize",
+    "Semantic localization (SeLo): one heatmap per text query over one canvas.",
+    params=(
+        Param("queries", "str_list", required=True, min_len=1, max_len=64,
+              check=lambda v: None if all(0 < len(s) <= MAX_TEXT for s in v)
+              else f"entries must be 1-{MAX_TEXT} characters"),
+        Param("window_sizes", "int_list", default=lambda: [256, 512, 768], min_len=1, max_len=8, min=8,
+              max=65536, doc="square window sizes in canvas pixels"),
+        Param("crop_size", "int", default=256, min=8, max=4096,
+              doc="each window is resized to this before the model's own preprocessing"),
+        Param("smooth", "int", default=251, min=0, max=4001, check=_odd_or_zero,
+              doc="median-filter kernel in canvas pixels (0: off)"),
+        Param("normalize", "bool", default=True, doc="min-max normalise each heatmap to [0, 1]"),
+        Param("transform", "float_list", nullable=True, check=_six, doc="canvas affine, rasterio order"),
+        Param("crs", "str", nullable=True, max_len=20000, doc="canvas CRS (EPSG code or WKT)"),
+        Param("geotiff", "bool", default=False, doc="also return each heatmap as GeoTIFF bytes"),
+        Param("polygons", "bool", default=False, doc="also return regions above threshold as GeoJSON"),
+        Param("threshold", "float", default=0.5, min=0.0, max=1.0, doc="polygon threshold on the heatmap"),
+        VALUE_RANGE, ADAPTER,
+    ),
+    arrays=(ArraySpec("canvas", IMAGE_DTYPES, (3,)),),
+    long_running=True,
+)
+
+EMBED = OpSpec(
+    "embed",
+    "Raw embeddings of images and/or texts.",
+    params=(
+        Param("texts", "str_list", nullable=True, max_len=MAX_TEXTS),
+        Param("normalize", "bool", default=True),
+        VALUE_RANGE, ADAPTER,
+    ),
+    arrays=(ArraySpec("images", IMAGE_DTYPES, (4,), required=False),),
+    long_running=True,
+)
+
+OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (
+    HELLO, INFO, PING, CANCEL, SHUTDOWN, CLASSIFY, RANK, LOCALIZE, EMBED)}
