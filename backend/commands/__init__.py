@@ -1,0 +1,1 @@
+"""Subcommands registered by ``backend.cli``: each module defines ``add_parser(subparsers)``."""

@@ -1,0 +1,182 @@
+"""The inference engine: batched, cached encoding of images and texts with the base model or an adapter."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from shared_protocol import ErrorCode, ProtocolError
+
+from .cache import LRUCache
+from .models.loading import LoadedModel
+from .models.preprocess import normalize as normalize_input
+from .models.preprocess import (preprocess_batch, resize_exact, resize_shortest_and_crop, to_unit_tensor,
+                                value_scale)
+from .tasks.templates import expand, normalize_classname
+
+log = logging.getLogger("backend.engine")
+Progress = Callable[[float, str], None]
+
+
+def _no_progress(fraction: float, message: str = "") -> None:
+    pass
+
+
+@dataclass
+class EngineConfig:
+    batch_size: int = 0  # 0: 256 on CUDA, 64 on CPU
+    precision: str = "auto"  # auto (bf16/fp16 autocast on CUDA, fp32 on CPU), fp32, fp16, bf16
+    cache_bytes: int = 2 << 30  # embedding cache budget
+    text_batch_size: int = 256
+
+
+class Engine:
+    """Encodes images and texts; ``adapter`` names select a loaded adapter instead of the base model."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig(),
+                 adapters: Optional[Dict[str, torch.nn.Module]] = None):
+        self.loaded = loaded
+        self.config = config
+        self.device = loaded.device
+        self.adapters: Dict[str, torch.nn.Module] = dict(adapters or {})
+        self.cache = LRUCache(config.cache_bytes)
+        self.batch_size = config.batch_size or (256 if self.device.type == "cuda" else 64)
+        self.autocast_dtype = self._autocast_dtype(config.precision)
+
+    def _autocast_dtype(self, precision: str) -> Optional[torch.dtype]:
+        if precision == "fp32":
+            return None
+        if precision == "fp16":
+            return torch.float16
+        if precision == "bf16":
+            return torch.bfloat16
+        if self.device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+
+    def _ctx(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def model_for(self, adapter: Optional[str]) -> torch.nn.Module:
+        if adapter is None:
+            return self.loaded.model
+        try:
+            return self.adapters[adapter]
+        except KeyError:
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"no adapter named {adapter!r} is loaded",
+                                {"adapters": sorted(self.adapters)}) from None
+
+    # -- images --------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_pixels(self, x: torch.Tensor, adapter: Optional[str] = None, normalize: bool = True) -> torch.Tensor:
+        """Normalised model input (N x 3 x S x S) -> float32 embeddings (N x D), L2-normalised by default."""
+        with self._ctx():
+            feats = self.model_for(adapter).encode_image(x).float()
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    def encode_images(self, images: np.ndarray, adapter: Optional[str] = None,
+                      value_range: Optional[Sequence[float]] = None, progress: Progress = _no_progress,
+                      scale=None, normalize: bool = True) -> torch.Tensor:
+        """N x H x W x C tiles -> N x D embeddings, in batches (progress and cancel between batches)."""
+        scale = scale or value_scale(images, value_range)
+        n = images.shape[0]
+        out: List[torch.Tensor] = []
+        for start in range(0, n, self.batch_size):
+            progress(start / max(n, 1), f"encoding images {start}/{n}")
+            batch = preprocess_batch(images[start:start + self.batch_size], self.loaded, scale=scale)
+            out.append(self.encode_pixels(batch, adapter, normalize))
+        progress(1.0, f"encoded {n} images")
+        if not out:
+            return torch.zeros((0, self.loaded.embed_dim), device=self.device)
+        return torch.cat(out)
+
+    def encode_windows(self, canvas: np.ndarray, boxes: np.ndarray, crop_size: Optional[int], adapter: Optional[str],
+                       scale, progress: Progress = _no_progress) -> torch.Tensor:
+        """Embed square or rectangular windows (x0, y0, x1, y1) of one H x W x C canvas, batched on the device.
+
+        Each window is first resized to ``crop_size`` x ``crop_size`` (when given, as SeLo does), then put
+        through the model's own preprocessing.
+        """
+        quantize = canvas.dtype == np.uint8
+        out: List[torch.Tensor] = []
+        n = len(boxes)
+        # group windows of equal size so that each batch is one tensor
+        sizes = sorted({(int(y1 - y0), int(x1 - x0)) for x0, y0, x1, y1 in boxes})
+        order: List[int] = []
+        done = 0
+        for size in sizes:
+            idx = [i for i, (x0, y0, x1, y1) in enumerate(boxes) if (int(y1 - y0), int(x1 - x0)) == size]
+            for start in range(0, len(idx), self.batch_size):
+                chunk = idx[start:start + self.batch_size]
+                progress(done / max(n, 1), f"encoding windows {done}/{n}")
+                crops = np.stack([canvas[boxes[i][1]:boxes[i][3], boxes[i][0]:boxes[i][2]] for i in chunk])
+                x = to_unit_tensor(crops, self.device, scale)
+                if crop_size:
+                    x = resize_exact(x, (crop_size, crop_size), quantize)
+                x = resize_shortest_and_crop(x, self.loaded.image_size, quantize)
+                out.append(self.encode_pixels(normalize_input(x, self.loaded.mean, self.loaded.std), adapter))
+                order.extend(chunk)
+                done += len(chunk)
+        progress(1.0, f"encoded {n} windows")
+        feats = torch.cat(out)
+        inverse = torch.empty(n, dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(n)
+        return feats[inverse.to(feats.device)]
+
+    # -- texts ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], adapter: Optional[str] = None, normalize: bool = True,
+                     use_cache: bool = True) -> torch.Tensor:
+        """Texts -> T x D float32 embeddings (L2-normalised unless ``normalize=False``), cached per text."""
+        model = self.model_for(adapter)
+        results: Dict[int, torch.Tensor] = {}
+        missing: List[int] = []
+        for i, t in enumerate(texts):
+            hit = self.cache.get(("text", adapter, t)) if use_cache else None
+            if hit is None:
+                missing.append(i)
+            else:
+                results[i] = hit
+        for start in range(0, len(missing), self.config.text_batch_size):
+            chunk = missing[start:start + self.config.text_batch_size]
+            tokens = self.loaded.tokenizer([texts[i] for i in chunk]).to(self.device)
+            with self._ctx():
+                feats = model.encode_text(tokens).float()
+            for i, f in zip(chunk, feats):
+                results[i] = f
+                if use_cache:
+                    self.cache.put(("text", adapter, texts[i]), f)
+        if not texts:
+            return torch.zeros((0, self.loaded.embed_dim), device=self.device)
+        raw = torch.stack([results[i] for i in range(len(texts))])
+        return F.normalize(raw, dim=-1) if normalize else raw
+
+    def class_embeddings(self, classnames: Sequence[str], templates: Sequence[str], ensemble: str = "georsclip",
+                         adapter: Optional[str] = None) -> torch.Tensor:
+        """C x D class vectors by prompt ensembling (REFERENCE section 3), cached per class list.
+
+        ``georsclip``: mean of the raw text embeddings over templates, then L2-normalise (GeoRSCLIP's
+        protocol, the default). ``openclip``: L2-normalise each embedding first (open_clip's classifier).
+        """
+        key = ("classes", adapter, ensemble, tuple(templates), tuple(classnames))
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        rows = []
+        for name in classnames:
+            prompts = expand(templates, normalize_classname(name))
+            emb = self.encode_texts(prompts, adapter, normalize=(ensemble == "openclip"), use_cache=False)
+            rows.append(F.normalize(emb.mean(dim=0), dim=-1))
+        result = torch.stack(rows)
+        self.cache.put(key, result)
+        return result
+
+    def logit_scale(self) -> float:
+        return 100.0

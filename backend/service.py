@@ -1,0 +1,133 @@
+"""The model-backed service: routes classify / rank / localize / embed to the tasks and shapes replies."""
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+from shared_protocol import ErrorCode, Limits, ProtocolError, Reply
+from shared_protocol.framing import DEFAULT_LIMITS
+
+from .engine import Engine
+from .server import Job, Service
+from .tasks import classify as classify_task
+from .tasks import geo
+from .tasks import localize as localize_task
+from .tasks import rank as rank_task
+from .tasks.classnames import CLASS_PRESETS
+from .tasks.templates import TEMPLATE_SETS
+
+log = logging.getLogger("backend.service")
+Handler = Callable[[Engine, Dict[str, Any], Dict[str, np.ndarray], Callable[[float, str], None]],
+                   Tuple[Dict[str, Any], Dict[str, np.ndarray]]]
+DEFAULT_MAX_CANVAS_PIXELS = 16384 * 16384
+
+
+class ModelService(Service):
+    """Serves one base model (and its adapters) through an :class:`Engine`."""
+
+    def __init__(self, engine: Engine, limits: Limits = DEFAULT_LIMITS,
+                 max_canvas_pixels: int = DEFAULT_MAX_CANVAS_PIXELS,
+                 adapter_info: Optional[Dict[str, Dict[str, Any]]] = None):
+        self.engine = engine
+        self.limits = limits
+        self.max_canvas_pixels = max_canvas_pixels
+        self.adapter_info = dict(adapter_info or {})
+        self.handlers: Dict[str, Callable[[Job], Reply]] = {
+            "classify": self._run(classify_task.classify),
+            "rank": self._run(rank_task.rank),
+            "embed": self._run(rank_task.embed),
+            "localize": self._localize,
+        }
+
+    def info(self) -> Dict[str, Any]:
+        loaded = self.engine.loaded
+        dev = loaded.device
+        device = {"type": dev.type, "name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
+                  platform.processor() or "cpu",
+                  "precision": str(self.engine.autocast_dtype or torch.float32).replace("torch.", "")}
+        return {
+            "model": loaded.describe(),
+            "adapters": [{"name": n, **meta} for n, meta in sorted(self.adapter_info.items())],
+            "device": device,
+            "capabilities": {
+                "operations": sorted(self.handlers),
+                "template_sets": {k: len(v) for k, v in TEMPLATE_SETS.items()},
+                "class_presets": CLASS_PRESETS,
+                "ensembles": ["georsclip", "openclip"],
+                "image_dtypes": ["uint8", "uint16"],
+                "max_canvas_pixels": self.max_canvas_pixels,
+                "localize_outputs": ["heatmaps", "geotiff", "polygons"],
+            },
+            "cache": self.engine.cache.stats(),
+            "warnings": self.warnings(),
+        }
+
+    def warnings(self) -> list:
+        if self.engine.loaded.random_weights:
+            return ["the model has RANDOM weights (--random-weights): its answers are meaningless"]
+        return []
+
+    def handle(self, job: Job) -> Reply:
+        request = job.request
+        handler = self.handlers.get(request.op)
+        if handler is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_OP, f"{request.op} is not served here")
+        for name, arr in request.arrays.items():
+            if arr.ndim >= 3 and arr.shape[-3] * arr.shape[-2] > self.max_canvas_pixels:
+                raise ProtocolError(ErrorCode.TOO_LARGE, f"'{name}' has {arr.shape[-3]} x {arr.shape[-2]} pixels, over "
+                                    f"the limit of {self.max_canvas_pixels}", {"name": name})
+            if arr.ndim >= 3 and arr.shape[-1] not in (1, 3, 4):
+                raise ProtocolError(ErrorCode.BAD_ARRAY, f"'{name}' must have 1, 3 or 4 channels, got "
+                                    f"{arr.shape[-1]}", {"name": name})
+            if arr.ndim >= 3 and (arr.shape[-2] == 0 or arr.shape[-3] == 0):
+                raise ProtocolError(ErrorCode.BAD_ARRAY, f"'{name}' has an empty image", {"name": name})
+        started = time.perf_counter()
+        reply = handler(job)
+        reply.result["elapsed_s"] = round(time.perf_counter() - started, 4)
+        reply.result["model"] = self.engine.loaded.name
+        reply.result["adapter"] = request.params.get("adapter")
+        warnings = self.warnings()
+        if warnings:
+            reply.result["warnings"] = warnings
+        return reply
+
+    def _run(self, task: Handler) -> Callable[[Job], Reply]:
+        def run(job: Job) -> Reply:
+            result, arrays = task(self.engine, job.request.params, job.request.arrays, job.progress)
+            return Reply.ok(job.request.id, job.request.op, result, arrays)
+        return run
+
+    def _localize(self, job: Job) -> Reply:
+        params, canvas = job.request.params, job.request.arrays["canvas"]
+        h, w = canvas.shape[:2]
+        out_bytes = len(params["queries"]) * h * w * 4
+        if out_bytes > self.limits.max_array_bytes:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"{len(params['queries'])} heatmaps of {h} x {w} need "
+                                f"{out_bytes} bytes, over the reply limit of {self.limits.max_array_bytes}; send "
+                                "fewer queries at once", {"limit": "max_array_bytes"})
+        if params.get("geotiff") and len(params["queries"]) + 1 > self.limits.max_arrays:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"with geotiff=true at most {self.limits.max_arrays - 1} "
+                                "queries fit in one reply", {"limit": "max_arrays"})
+        crs_obj = geo.parse_crs(params.get("crs"))  # fail early on a bad CRS
+        heatmaps, result = localize_task.localize(self.engine, canvas, params, lambda p, m: job.progress(0.9 * p, m))
+        arrays: Dict[str, np.ndarray] = {"heatmaps": heatmaps}
+        result["crs"] = crs_obj.to_string() if crs_obj is not None else None
+        result["transform"] = params.get("transform")
+        if params.get("geotiff"):
+            for q in range(len(heatmaps)):
+                job.check_cancelled()
+                data = geo.heatmap_geotiff(heatmaps[q], params.get("transform"), params.get("crs"))
+                arrays[f"geotiff_{q}"] = np.frombuffer(data, dtype=np.uint8)
+        if params.get("polygons"):
+            result["polygons"] = [geo.heatmap_polygons(heatmaps[q], params["threshold"], params.get("transform"),
+                                                       params["queries"][q]) for q in range(len(heatmaps))]
+        job.progress(1.0, "done")
+        return Reply.ok(job.request.id, "localize", result, arrays)
+
+    def close(self) -> None:
+        self.engine.cache.clear()

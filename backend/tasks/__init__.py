@@ -1,0 +1,1 @@
+"""The three questions the backend answers (classify, rank, localize) and what they share."""

@@ -1,0 +1,95 @@
+"""Zero-shot classification of tiles (REFERENCE section 3): top-k labels and probabilities per tile."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from shared_protocol import ErrorCode, ProtocolError
+
+from ..engine import Engine, Progress
+from ..models.preprocess import value_scale
+from .templates import get_templates, normalize_classname
+from .windows import grid_cells
+
+LOGIT_SCALE = 100.0
+
+
+def check_classes(classes: Sequence[str]) -> List[str]:
+    """Reject class lists whose names collide once normalised (they could never be told apart)."""
+    seen: Dict[str, str] = {}
+    for name in classes:
+        norm = normalize_classname(name)
+        if not norm:
+            raise ProtocolError(ErrorCode.BAD_PARAMS, f"class name {name!r} is empty once normalised")
+        if norm in seen:
+            raise ProtocolError(ErrorCode.BAD_PARAMS, f"class names {seen[norm]!r} and {name!r} are the same "
+                                f"once normalised ({norm!r})", {"param": "classes"})
+        seen[norm] = name
+    return list(classes)
+
+
+def class_vectors(engine: Engine, classes: Sequence[str], params: Dict[str, Any],
+                  images: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """C x D class embeddings (or B x C x D from an image-conditioned prompt learner)."""
+    adapter = params.get("adapter")
+    model = engine.model_for(adapter)
+    learned = getattr(model, "class_embeddings", None)
+    if learned is not None:
+        with torch.inference_mode():
+            vecs = learned(list(classes), images)
+        if vecs is not None:
+            return torch.nn.functional.normalize(vecs.float(), dim=-1)
+    templates = params.get("custom_templates") or get_templates(params.get("templates") or "georsclip")
+    return engine.class_embeddings(classes, templates, params.get("ensemble", "georsclip"), adapter)
+
+
+def probabilities(image_feats: torch.Tensor, class_feats: torch.Tensor) -> torch.Tensor:
+    """softmax(100 * cosine) over classes; both inputs L2-normalised."""
+    if class_feats.ndim == 3:  # per-image class features
+        logits = LOGIT_SCALE * torch.einsum("nd,ncd->nc", image_feats, class_feats)
+    else:
+        logits = LOGIT_SCALE * image_feats @ class_feats.T
+    return logits.softmax(dim=-1)
+
+
+def tiles_from_request(params: Dict[str, Any], arrays: Dict[str, np.ndarray]
+                       ) -> Tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+    """(tiles, cells, canvas-or-None): the tiles array as sent, or a grid cut from the canvas."""
+    tiles, canvas = arrays.get("tiles"), arrays.get("canvas")
+    if (tiles is None) == (canvas is None):
+        raise ProtocolError(ErrorCode.BAD_PARAMS, "classify needs either 'tiles' or a 'canvas' (with tile_size)")
+    if tiles is not None:
+        if params.get("tile_size") is not None:
+            raise ProtocolError(ErrorCode.BAD_PARAMS, "tile_size applies to a canvas, not to tiles")
+        return tiles, None, None
+    tile = params.get("tile_size")
+    if tile is None:
+        raise ProtocolError(ErrorCode.BAD_PARAMS, "a canvas needs 'tile_size' (grid tile size in pixels)")
+    h, w = canvas.shape[:2]
+    cells, windows = grid_cells(h, w, tile, params.get("stride") or tile)
+    return windows, cells, canvas
+
+
+def classify(engine: Engine, params: Dict[str, Any], arrays: Dict[str, np.ndarray],
+             progress: Progress) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+    classes = check_classes(params["classes"])
+    tiles, cells, canvas = tiles_from_request(params, arrays)
+    adapter = params.get("adapter")
+    if canvas is None:
+        scale = value_scale(tiles, params.get("value_range"))
+        feats = engine.encode_images(tiles, adapter, scale=scale, progress=lambda p, m: progress(0.9 * p, m))
+    else:
+        scale = value_scale(canvas[None], params.get("value_range"))
+        feats = engine.encode_windows(canvas, tiles, None, adapter, scale, lambda p, m: progress(0.9 * p, m))
+    probs = probabilities(feats, class_vectors(engine, classes, params)).cpu().numpy().astype(np.float32)
+    k = min(params.get("top_k", 5), len(classes))
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    results = [{"index": i, "label": classes[order[i, 0]],
+                "top": [{"label": classes[j], "score": float(probs[i, j])} for j in order[i]]}
+               for i in range(len(probs))]
+    out_arrays = {"probs": probs}
+    if cells is not None:
+        out_arrays["boxes"] = cells.astype(np.int32)
+    return {"classes": classes, "tiles": results}, out_arrays
