@@ -39,11 +39,11 @@ class ErrorCode:
 class ProtocolError(Exception):
     """An error with a stable code, sendable over the wire."""
 
-    def __init__(self, code: str, message: str, details: Optional[Mapping[str, Any]] = None):
+    def __init__(self, code: str, message: str, details: Optional[Mapping[str, Any]] = None, **more: Any):
         super().__init__(f"[{code}] {message}")
         self.code = code
         self.message = message
-        self.details: Dict[str, Any] = dict(details or {})
+        self.details: Dict[str, Any] = {**(details or {}), **more}
 
     def to_dict(self) -> Dict[str, Any]:
         return {"code": self.code, "message": self.message, "details": self.details}

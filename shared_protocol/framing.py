@@ -74,7 +74,7 @@ def _as_wire_array(name: str, value: Any) -> np.ndarray:
     wire = ALLOWED_DTYPES[key]
     if arr.dtype != wire:
         arr = arr.astype(wire)
-    return np.ascontiguousarray(arr)
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")  # (ascontiguousarray turns 0-d into 1-d)
 
 
 def encode(header: Mapping[str, Any], arrays: Optional[Mapping[str, Any]] = None) -> List[Any]:

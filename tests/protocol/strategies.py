@@ -1,0 +1,86 @@
+"""Hypothesis strategies derived from the operation schemas (valid params and arrays for every op)."""
+from __future__ import annotations
+
+import string
+
+import numpy as np
+from hypothesis import strategies as st
+
+from shared_protocol.framing import ALLOWED_DTYPES
+from shared_protocol.schema import ArraySpec, OpSpec, Param
+
+TEXT = st.text(alphabet=string.ascii_letters + " _/-éß日", min_size=1, max_size=20).filter(lambda s: s.strip())
+
+
+def _scalar(kind: str, p: Param):
+    if kind == "str":
+        return TEXT
+    if kind == "int":
+        lo = int(p.min) if p.min is not None else -1000
+        hi = int(p.max) if p.max is not None else 1000
+        return st.integers(lo, min(hi, lo + 5000))
+    if kind == "float":
+        lo = p.min if p.min is not None else -1e6
+        hi = p.max if p.max is not None else 1e6
+        return st.floats(lo, hi, allow_nan=False, allow_infinity=False)
+    if kind == "bool":
+        return st.booleans()
+    raise AssertionError(kind)
+
+
+# values known to pass each parameter's extra check
+SPECIAL = {
+    "classes": st.lists(TEXT, min_size=1, max_size=5),
+    "custom_templates": st.lists(TEXT.map(lambda s: s + " {}"), min_size=1, max_size=3),
+    "value_range": st.tuples(st.floats(0, 100), st.floats(101, 65535)).map(list),
+    "transform": st.tuples(st.floats(0.1, 100), st.floats(-1, 1), st.floats(-1e6, 1e6), st.floats(-1, 1),
+                           st.floats(-100, -0.1), st.floats(-1e6, 1e6)).map(list)
+    .filter(lambda t: t[0] * t[4] - t[1] * t[3] != 0),
+    "smooth": st.sampled_from([0, 1, 3, 251]),
+    "queries": st.lists(TEXT, min_size=1, max_size=4),
+    "target": st.text(alphabet=string.hexdigits, min_size=1, max_size=32),
+    "protocol": st.just(1),
+}
+
+
+def param_value(p: Param):
+    if p.name in SPECIAL:
+        return SPECIAL[p.name]
+    if p.choices is not None:
+        return st.sampled_from(p.choices)
+    if p.kind.endswith("_list"):
+        item = Param(p.name, p.kind[:-5], min=p.min, max=p.max)
+        return st.lists(_scalar(item.kind, item), min_size=p.min_len or 0, max_size=min(p.max_len or 4, 4))
+    return _scalar(p.kind, p)
+
+
+@st.composite
+def params_for(draw, spec: OpSpec):
+    out = {}
+    for p in spec.params:
+        if p.required or draw(st.booleans()):
+            out[p.name] = draw(param_value(p))
+    return out
+
+
+def array_of(dtype: str, ndim: int):
+    dt = ALLOWED_DTYPES[dtype]
+    shapes = st.lists(st.integers(0, 5), min_size=ndim, max_size=ndim)
+    if dt.kind == "b":
+        values = st.booleans()
+    elif dt.kind in "iu":
+        info = np.iinfo(dt)
+        values = st.integers(int(info.min), int(info.max))
+    else:
+        values = st.floats(allow_nan=False, allow_infinity=False, width=dt.itemsize * 8)
+    return shapes.flatmap(lambda shape: st.lists(values, min_size=int(np.prod(shape)), max_size=int(np.prod(shape)))
+                          .map(lambda vals: np.array(vals, dtype=dt).reshape(shape)))
+
+
+@st.composite
+def arrays_for(draw, spec: OpSpec):
+    out = {}
+    for a in spec.arrays:
+        if a.required or draw(st.booleans()):
+            out[a.name] = draw(array_of(draw(st.sampled_from(a.dtypes)), draw(st.sampled_from(a.ndim))))
+    return out

@@ -1,0 +1,46 @@
+"""An in-process server with a torch-free stub service, for transport tests under both interpreters."""
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+
+import zmq
+
+from backend.server import Job, Server, ServerConfig, Service
+from shared_protocol import Reply
+
+
+class SlowService(Service):
+    """classify sleeps ``params['top_k'] / 10`` seconds in steps, reporting progress; it echoes its input."""
+
+    def __init__(self):
+        self.started = threading.Event()
+        self.handled = []
+
+    def info(self):
+        return {"model": {"name": "stub"}, "device": {"type": "none"}, "adapters": []}
+
+    def handle(self, job: Job) -> Reply:
+        self.started.set()
+        steps = job.request.params.get("top_k", 1)
+        for i in range(steps):
+            job.progress(i / steps, f"step {i}")
+            time.sleep(0.1)
+        self.handled.append(job.request.id)
+        arrays = {k: v for k, v in job.request.arrays.items()}
+        return Reply.ok(job.request.id, job.request.op, {"classes": job.request.params["classes"]}, arrays)
+
+
+@contextmanager
+def running_server(bind: str, service: Service = None, **config):
+    ctx = zmq.Context()
+    server = Server(service or SlowService(), ServerConfig(bind=bind, **config), context=ctx)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        thread.join(10)
+        ctx.term()
