@@ -1,0 +1,142 @@
+"""SeLo: window geometry by hand, the heatmap against a direct per-window computation, cache, GeoTIFF, polygons."""
+import io
+
+import numpy as np
+import open_clip
+import pytest
+import rasterio
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from backend.server import Job
+from backend.service import ModelService
+from backend.tasks.localize import localize, normalize_minmax, smooth_heatmap
+from backend.tasks.windows import mean_over_windows, selo_windows
+from shared_protocol import ErrorCode, ProtocolError, Request
+
+
+def _no_progress(p, m=""):
+    pass
+
+
+def test_selo_windows_worked_by_hand():
+    boxes = {tuple(b) for b in selo_windows(600, 600, 256)}
+    starts0, starts128 = [0, 256, 344], [128, 344]  # 512 + 256 > 600 -> clamped to 344; 384 -> 344
+    expected = {(x, y, x + 256, y + 256) for x in starts0 for y in starts0}
+    expected |= {(x, y, x + 256, y + 256) for x in starts128 for y in starts128}
+    assert boxes == expected and len(boxes) == 12
+    small = selo_windows(100, 300, 256)  # larger than the canvas: shrinks to it on that axis
+    # x: 0 and 256 -> 44 (clamped); the offset grid's 128 -> 44 too; y: only 0 (the offset 128 is past 100)
+    assert {tuple(b) for b in small} == {(0, 0, 256, 100), (44, 0, 300, 100)}
+
+
+def test_mean_over_windows_equals_brute_force(rng):
+    h, w = 90, 130
+    boxes = np.concatenate([selo_windows(h, w, 32), selo_windows(h, w, 50), selo_windows(h, w, 77)])
+    scores = rng.normal(size=(len(boxes), 2))
+    total, count = np.zeros((2, h, w)), np.zeros((h, w))
+    for (x0, y0, x1, y1), s in zip(boxes, scores):
+        total[:, y0:y1, x0:x1] += s[:, None, None]
+        count[y0:y1, x0:x1] += 1
+    np.testing.assert_allclose(mean_over_windows(boxes, scores, h, w), total / count, rtol=1e-5, atol=1e-6)
+
+
+def _direct_heatmap(tiny, canvas, query, sizes, crop):
+    """The reference algorithm, straightforwardly: per window, PIL resize, open_clip transform, batch of 1."""
+    h, w = canvas.shape[:2]
+    pre = open_clip.image_transform(tiny.image_size, is_train=False, mean=tiny.mean, std=tiny.std)
+    with torch.no_grad():
+        text = F.normalize(tiny.model.encode_text(tiny.tokenizer([query])), dim=-1)[0]
+        total, count = np.zeros((h, w)), np.zeros((h, w))
+        for s in sizes:
+            for x0, y0, x1, y1 in selo_windows(h, w, s):
+                win = Image.fromarray(canvas[y0:y1, x0:x1]).resize((crop, crop), Image.BICUBIC)
+                emb = F.normalize(tiny.model.encode_image(pre(win)[None]), dim=-1)[0]
+                total[y0:y1, x0:x1] += float(emb @ text)
+                count[y0:y1, x0:x1] += 1
+    return total / count
+
+
+def test_heatmap_equals_the_direct_per_window_computation(engine, tiny, rng):
+    canvas = rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)
+    canvas[40:110, 60:150] = [30, 120, 40]  # some structure
+    params = {"queries": ["a harbour with many boats"], "window_sizes": [48, 96], "crop_size": 64, "smooth": 0,
+              "normalize": False}
+    heat, info = localize(engine, canvas, params, _no_progress)
+    direct = _direct_heatmap(tiny, canvas, params["queries"][0], [48, 96], 64)
+    assert heat.shape == (1, 150, 200) and heat.dtype == np.float32
+    assert info["windows"] == len(selo_windows(150, 200, 48)) + len(selo_windows(150, 200, 96))
+    spread = direct.max() - direct.min()
+    assert np.abs(heat[0] - direct).max() < 0.02 * spread  # PIL vs torch resampling: a few 8-bit levels
+    assert np.corrcoef(heat[0].ravel(), direct.ravel())[0, 1] > 0.999
+
+
+def test_normalise_and_smooth():
+    h = np.arange(12, dtype=np.float32).reshape(3, 4)
+    n = normalize_minmax(h)
+    assert n.min() == 0 and n.max() == 1 and np.allclose(n, h / 11)
+    assert normalize_minmax(np.full((3, 3), 7.0)).max() == 0
+    spike = np.zeros((200, 200), np.float32)
+    spike[100, 100] = 1
+    spike[20:180, 20:180] += 0.5
+    out = smooth_heatmap(spike, 31)  # median removes an isolated spike, keeps the block
+    assert out.shape == spike.shape and out[100, 100] == pytest.approx(0.5, abs=0.01)
+    assert out[5, 5] == pytest.approx(0.0, abs=0.01)
+    big = smooth_heatmap(spike, 251)  # block-averaged path
+    assert big.shape == spike.shape and np.isfinite(big).all()
+
+
+def test_second_query_on_the_same_canvas_encodes_only_text(engine, rng, monkeypatch):
+    canvas = rng.integers(0, 256, (120, 120, 3), dtype=np.uint8)
+    base = {"window_sizes": [32, 64], "crop_size": 32, "smooth": 0, "normalize": True}
+    localize(engine, canvas, {**base, "queries": ["farmland"]}, _no_progress)
+    calls = []
+    original = engine.loaded.model.encode_image
+    monkeypatch.setattr(engine.loaded.model, "encode_image", lambda *a, **k: calls.append(1) or original(*a, **k))
+    heat, _ = localize(engine, canvas.copy(), {**base, "queries": ["airport"]}, _no_progress)
+    assert calls == [] and heat.shape == (1, 120, 120)
+    localize(engine, canvas[:, ::-1].copy(), {**base, "queries": ["airport"]}, _no_progress)
+    assert calls  # other pixels: encoded again
+
+
+def _job(params, canvas):
+    req = Request("localize", "r1", {"window_sizes": [32, 64], "crop_size": 32, "smooth": 0, "normalize": True,
+                                     "geotiff": False, "polygons": False, "threshold": 0.5, "transform": None,
+                                     "crs": None, "value_range": None, "adapter": None, **params},
+                  {"canvas": canvas})
+    return Job(req, b"peer", lambda peer, reply: None)
+
+
+def test_geotiff_and_polygons_are_georeferenced(engine, rng):
+    canvas = rng.integers(0, 256, (100, 160, 3), dtype=np.uint8)
+    transform = [30.0, 0.0, 500000.0, 0.0, -30.0, 4200000.0]
+    service = ModelService(engine)
+    reply = service.handle(_job({"queries": ["river", "forest"], "transform": transform, "crs": "EPSG:32618",
+                                 "geotiff": True, "polygons": True, "threshold": 0.6}, canvas))
+    heat = reply.arrays["heatmaps"]
+    assert heat.shape == (2, 100, 160) and reply.result["crs"] == "EPSG:32618"
+    with rasterio.MemoryFile(reply.arrays["geotiff_1"].tobytes()) as mem, mem.open() as ds:
+        assert ds.crs.to_epsg() == 32618 and list(ds.transform)[:6] == transform
+        np.testing.assert_array_equal(ds.read(1), heat[1])
+    west, north = 500000.0, 4200000.0
+    east, south = west + 160 * 30, north - 100 * 30
+    for fc, hm in zip(reply.result["polygons"], heat):
+        assert fc["features"], "some region is above the threshold after min-max normalisation"
+        area = sum(f["properties"]["area"] for f in fc["features"])
+        assert area == pytest.approx((hm >= 0.6).sum() * 900)  # pixel-exact regions, in m^2
+        for f in fc["features"]:
+            xs = [p[0] for ring in f["geometry"]["coordinates"] for p in ring]
+            ys = [p[1] for ring in f["geometry"]["coordinates"] for p in ring]
+            assert west <= min(xs) and max(xs) <= east and south <= min(ys) and max(ys) <= north
+            assert f["properties"]["score_mean"] >= 0.6
+
+
+def test_localize_limits(engine):
+    service = ModelService(engine, max_canvas_pixels=100 * 100)
+    with pytest.raises(ProtocolError) as e:
+        service.handle(_job({"queries": ["x"]}, np.zeros((101, 100, 3), np.uint8)))
+    assert e.value.code == ErrorCode.TOO_LARGE
+    with pytest.raises(ProtocolError) as e:
+        service.handle(_job({"queries": ["x"], "crs": "EPSG:nope"}, np.zeros((50, 50, 3), np.uint8)))
+    assert e.value.code == ErrorCode.BAD_PARAMS
