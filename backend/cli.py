@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from shared_protocol import ProtocolError
 from shared_protocol.client import DEFAULT_ADDRESS, Client
+from shared_protocol.ops import DEFAULT_MAX_CANVAS_PIXELS
 
 TOKEN_ENV = "MAPQUERY_TOKEN"
 
@@ -76,7 +77,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         adapters, adapter_info = load_adapters(args.adapter, loaded)
         engine = Engine(loaded, EngineConfig(batch_size=args.batch_size, precision=args.precision,
                                              cache_bytes=args.cache_mb << 20), adapters)
-        server = Server(ModelService(engine, limits, adapter_info=adapter_info),
+        server = Server(ModelService(engine, limits, max_canvas_pixels=args.max_canvas_pixels,
+                                     adapter_info=adapter_info),
                         ServerConfig(bind=args.bind, token=token, limits=limits, max_queue=args.max_queue))
     except (ProtocolError, ValueError, OSError) as exc:
         print(f"backend: cannot start: {getattr(exc, 'message', exc)}", file=sys.stderr, flush=True)
@@ -299,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-mb", type=int, default=2048, help="embedding cache budget in MiB")
     p.add_argument("--max-queue", type=int, default=64, help="queued requests before 'busy'")
     p.add_argument("--max-array-mb", type=int, default=1024, help="largest array accepted, in MiB")
+    p.add_argument("--max-canvas-pixels", type=int, default=DEFAULT_MAX_CANVAS_PIXELS,
+                   help="largest canvas (height x width) accepted")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ping", help="print a running server's info")

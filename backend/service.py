@@ -24,7 +24,7 @@ from .tasks.templates import TEMPLATE_SETS
 log = logging.getLogger("backend.service")
 Handler = Callable[[Engine, Dict[str, Any], Dict[str, np.ndarray], Callable[[float, str], None]],
                    Tuple[Dict[str, Any], Dict[str, np.ndarray]]]
-DEFAULT_MAX_CANVAS_PIXELS = 16384 * 16384
+from shared_protocol.ops import DEFAULT_MAX_CANVAS_PIXELS
 
 
 class ModelService(Service):

@@ -41,7 +41,8 @@ class Client:
         self.retries = int(retries)
         self.heartbeat_interval = float(heartbeat_interval)
         self.heartbeat_liveness = int(heartbeat_liveness)
-        self.limits = limits
+        self.limits = limits  # what this client accepts in replies
+        self.server_limits: Optional[Limits] = None  # what the server accepts, learnt at hello/info
         self.name = name
         self._ctx = context or zmq.Context.instance()
         self._socket: Optional[zmq.Socket] = None
@@ -90,6 +91,7 @@ class Client:
         req = Request(op=op, id=request_id or new_request_id(), params=dict(params or {}),
                       arrays=dict(arrays or {}), token=self.token)
         frames = req.encode()
+        (self.server_limits or self.limits).check_frames(frames)  # fail fast instead of being dropped
         with self._lock:
             last: Optional[ProtocolError] = None
             for attempt in range(attempts):
@@ -167,10 +169,16 @@ class Client:
 
     # -- operations --------------------------------------------------------------------------------
     def hello(self, **kw: Any) -> Dict[str, Any]:
-        return self.request("hello", {"protocol": PROTOCOL_VERSION, "client": self.name}, **kw).result
+        return self._remember_limits(
+            self.request("hello", {"protocol": PROTOCOL_VERSION, "client": self.name}, **kw).result)
 
     def info(self, **kw: Any) -> Dict[str, Any]:
-        return self.request("info", **kw).result
+        return self._remember_limits(self.request("info", **kw).result)
+
+    def _remember_limits(self, info: Dict[str, Any]) -> Dict[str, Any]:
+        if isinstance(info.get("limits"), dict):
+            self.server_limits = Limits.from_dict(info["limits"])
+        return info
 
     def ping(self, **kw: Any) -> Dict[str, Any]:
         return self.request("ping", **kw).result

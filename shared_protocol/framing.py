@@ -42,8 +42,32 @@ class Limits:
 
     @property
     def max_frame_bytes(self) -> int:
-        """The biggest single frame a socket should accept (ZMQ_MAXMSGSIZE)."""
-        return max(self.max_header_bytes, self.max_array_bytes)
+        """The hard cap for one frame at the socket (ZMQ_MAXMSGSIZE), above which ZeroMQ drops the peer.
+
+        Twice the array limit, so that a moderately oversized array still reaches the decoder and is
+        answered with a typed ``too_large`` error instead of silence.
+        """
+        return 2 * max(self.max_header_bytes, self.max_array_bytes)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "Limits":
+        known = {k: int(v) for k, v in data.items() if k in cls.__dataclass_fields__ and type(v) is int}
+        return cls(**known)
+
+    def check_frames(self, frames: Sequence[Any]) -> None:
+        """Raise ``too_large`` if encoded frames would break these limits (checked before sending)."""
+        sizes = [_frame_len(f) for f in frames]
+        if sizes and sizes[0] > self.max_header_bytes:
+            raise too_large(f"header of {sizes[0]} bytes exceeds {self.max_header_bytes}", limit="max_header_bytes")
+        if len(sizes) - 1 > self.max_arrays:
+            raise too_large(f"{len(sizes) - 1} arrays exceed the limit of {self.max_arrays}", limit="max_arrays")
+        for size in sizes[1:]:
+            if size > self.max_array_bytes:
+                raise too_large(f"an array of {size} bytes exceeds the backend's limit of {self.max_array_bytes}",
+                                limit="max_array_bytes")
+        if sum(sizes[1:]) > self.max_total_bytes:
+            raise too_large(f"arrays of {sum(sizes[1:])} bytes exceed the backend's limit of "
+                            f"{self.max_total_bytes}", limit="max_total_bytes")
 
     def to_dict(self) -> Dict[str, int]:
         return {

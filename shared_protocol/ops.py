@@ -16,6 +16,7 @@ from .schema import ArraySpec, OpSpec, Param
 IMAGE_DTYPES = ("uint8", "uint16")
 MAX_TEXT = 500  # characters in one class name or query
 MAX_TEXTS = 2000  # class names / queries in one request
+DEFAULT_MAX_CANVAS_PIXELS = 16384 * 16384  # a backend's default limit on height x width (see info.capabilities)
 
 
 def _pair(value) -> Optional[str]:

@@ -42,6 +42,7 @@ def rng():
 def live_server():
     """A real backend subprocess serving the tiny model; stopped after the module."""
     from backend.process import start_server
-    server = start_server(["--model", "tiny", "--random-weights", "--device", "cpu", "--max-array-mb", "64"])
+    server = start_server(["--model", "tiny", "--random-weights", "--device", "cpu", "--max-array-mb", "64",
+                           "--max-canvas-pixels", str(1000 * 1000)])
     yield server
     server.stop()
