@@ -1,0 +1,14 @@
+"""Run every benchmark in bench/ and print their figures (``make bench``)."""
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHES = ["bench_server.py", "bench_localize.py"]
+
+if __name__ == "__main__":
+    failed = 0
+    for name in BENCHES:
+        print(f"== {name}", flush=True)
+        failed += subprocess.call([sys.executable, str(HERE / name), *sys.argv[1:]], cwd=HERE.parent) != 0
+    sys.exit(1 if failed else 0)
