@@ -10,12 +10,13 @@ STAMP := $(VENV)/.installed
 PYTEST_FLAGS ?= -q
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: all venv system-deps test test-protocol test-backend test-plugin demo bench plugin qgis clean help
+.PHONY: all venv system-deps test test-protocol test-backend test-plugin demo bench reliability plugin qgis clean help
 
 help:
 	@echo "make test    install what is missing (venv, Debian QGIS packages) and run every test"
 	@echo "make demo    start a backend and run the main job against it"
 	@echo "make bench   run the benchmarks in bench/"
+	@echo "make reliability  fault, load and fuzz figures"
 	@echo "make plugin  build dist/mapquery_rs.zip for QGIS's 'Install from ZIP'"
 
 # The backend's virtualenv: rebuilt only when pyproject.toml changes.
@@ -58,6 +59,10 @@ demo: venv
 
 bench: venv
 	$(VPY) bench/run_all.py
+
+# Faults (kill -9 during localize x20), load (8 clients x 50 requests), fuzzing (10,000 messages).
+reliability: venv
+	$(VPY) bench/reliability.py
 
 clean:
 	rm -rf $(VENV) dist out .pytest_cache

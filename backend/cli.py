@@ -236,6 +236,8 @@ def cmd_localize(args: argparse.Namespace) -> int:
     try:
         img = _read_images([args.image])[0]
         georef = img.transform is not None and args.out and args.out.lower().endswith(GEOTIFF_SUFFIXES)
+        if georef and img.crs is None:
+            print(f"warning: {img.path} has no CRS: the heatmap keeps its pixel grid but no CRS", file=sys.stderr)
         with client_from_args(args) as client:
             reply = client.localize(img.pixels, [args.query], window_sizes=args.window_sizes, smooth=args.smooth,
                                     transform=img.transform, crs=img.crs, geotiff=bool(georef),

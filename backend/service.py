@@ -27,6 +27,21 @@ Handler = Callable[[Engine, Dict[str, Any], Dict[str, np.ndarray], Callable[[flo
 from shared_protocol.ops import DEFAULT_MAX_CANVAS_PIXELS
 
 
+def uniform_image_warnings(arrays: Dict[str, np.ndarray]) -> list:
+    """Say so when images hold one value only (all nodata, a blank render): their answers mean little."""
+    out = []
+    for name, arr in arrays.items():
+        if arr.ndim == 3 and arr.size and arr.min() == arr.max():
+            out.append(f"'{name}' holds a single value ({arr.flat[0]}): all nodata or blank? The answer is "
+                       "uninformative")
+        elif arr.ndim == 4 and arr.size:
+            flat = arr.reshape(arr.shape[0], -1)
+            blank = int((flat.min(axis=1) == flat.max(axis=1)).sum())
+            if blank:
+                out.append(f"{blank} of {arr.shape[0]} '{name}' hold a single value (nodata or blank)")
+    return out
+
+
 class ModelService(Service):
     """Serves one base model (and its adapters) through an :class:`Engine`."""
 
@@ -91,7 +106,7 @@ class ModelService(Service):
         reply.result["elapsed_s"] = round(time.perf_counter() - started, 4)
         reply.result["model"] = self.engine.loaded.name
         reply.result["adapter"] = request.params.get("adapter")
-        warnings = self.warnings()
+        warnings = self.warnings() + uniform_image_warnings(request.arrays)
         if warnings:
             reply.result["warnings"] = warnings
         return reply

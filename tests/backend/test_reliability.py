@@ -1,0 +1,20 @@
+"""The reliability harness, run small (``make reliability`` runs it full and prints the figures)."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import reliability  # noqa: E402
+
+
+@pytest.mark.slow
+def test_kill_9_during_localize(tmp_path):
+    report = reliability.faults(trials=2, timeout=30.0, out_dir=tmp_path)
+    assert report["passed"] == 2, report["failures"]
+    assert report["max_error_after_s"] < 30.0
+
+
+def test_concurrent_clients_get_their_own_answers():
+    report = reliability.load(clients=4, requests=10)
+    assert report["replies"] == 40 and report["mismatched_or_failed"] == 0, report["problems"]
