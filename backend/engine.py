@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from shared_protocol import ErrorCode, ProtocolError
 
-from .cache import LRUCache
+from .cache import LRUCache, content_key
 from .models.loading import LoadedModel
 from .models.preprocess import normalize as normalize_input
 from .models.preprocess import (preprocess_batch, resize_exact, resize_shortest_and_crop, to_unit_tensor,
@@ -84,18 +84,28 @@ class Engine:
     def encode_images(self, images: np.ndarray, adapter: Optional[str] = None,
                       value_range: Optional[Sequence[float]] = None, progress: Progress = _no_progress,
                       scale=None, normalize: bool = True) -> torch.Tensor:
-        """N x H x W x C tiles -> N x D embeddings, in batches (progress and cancel between batches)."""
+        """N x H x W x C tiles -> N x D embeddings, in batches (progress and cancel between batches).
+
+        Normalised embeddings are cached per tile content (and scaling and adapter): tiles seen before
+        are not encoded again.
+        """
         scale = scale or value_scale(images, value_range)
         n = images.shape[0]
-        out: List[torch.Tensor] = []
-        for start in range(0, n, self.batch_size):
-            progress(start / max(n, 1), f"encoding images {start}/{n}")
-            batch = preprocess_batch(images[start:start + self.batch_size], self.loaded, scale=scale)
-            out.append(self.encode_pixels(batch, adapter, normalize))
-        progress(1.0, f"encoded {n} images")
-        if not out:
+        keys = [("tile", adapter, scale, content_key(t)) for t in images] if normalize else [None] * n
+        found = {i: self.cache.get(k) for i, k in enumerate(keys) if k is not None}
+        todo = [i for i in range(n) if found.get(i) is None]
+        for start in range(0, len(todo), self.batch_size):
+            progress(start / max(len(todo), 1), f"encoding images {start}/{len(todo)}")
+            chunk = todo[start:start + self.batch_size]
+            batch = preprocess_batch(images[chunk], self.loaded, scale=scale)
+            for i, f in zip(chunk, self.encode_pixels(batch, adapter, normalize)):
+                found[i] = f
+                if keys[i] is not None:
+                    self.cache.put(keys[i], f)
+        progress(1.0, f"encoded {len(todo)} images ({n - len(todo)} cached)")
+        if not n:
             return torch.zeros((0, self.loaded.embed_dim), device=self.device)
-        return torch.cat(out)
+        return torch.stack([found[i] for i in range(n)])
 
     def encode_windows(self, canvas: np.ndarray, boxes: np.ndarray, crop_size: Optional[int], adapter: Optional[str],
                        scale, progress: Progress = _no_progress) -> torch.Tensor:

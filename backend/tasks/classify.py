@@ -8,6 +8,7 @@ import torch
 
 from shared_protocol import ErrorCode, ProtocolError
 
+from ..cache import content_key
 from ..engine import Engine, Progress
 from ..models.preprocess import value_scale
 from .templates import get_templates, normalize_classname
@@ -82,7 +83,9 @@ def classify(engine: Engine, params: Dict[str, Any], arrays: Dict[str, np.ndarra
         feats = engine.encode_images(tiles, adapter, scale=scale, progress=lambda p, m: progress(0.9 * p, m))
     else:
         scale = value_scale(canvas[None], params.get("value_range"))
-        feats = engine.encode_windows(canvas, tiles, None, adapter, scale, lambda p, m: progress(0.9 * p, m))
+        key = ("grid", adapter, scale, content_key(canvas), content_key(tiles))
+        feats = engine.cache.get_or_compute(key, lambda: engine.encode_windows(
+            canvas, tiles, None, adapter, scale, lambda p, m: progress(0.9 * p, m)))
     probs = probabilities(feats, class_vectors(engine, classes, params)).cpu().numpy().astype(np.float32)
     k = min(params.get("top_k", 5), len(classes))
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]

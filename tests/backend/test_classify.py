@@ -103,3 +103,19 @@ def test_class_presets_have_the_standard_sizes():
     assert {k: len(v) for k, v in CLASS_PRESETS.items()} == EXPECTED_SIZES
     assert len(TEMPLATE_SETS["georsclip"]) == 105 == len(set(TEMPLATE_SETS["georsclip"]))
     assert normalize_classname("Dense_Residential/Area") == "dense residential area"
+
+
+def test_tile_and_grid_embeddings_are_cached_by_content(engine, rng, monkeypatch):
+    tiles = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    canvas = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    first, _ = classify(engine, {"classes": CLASSES}, {"tiles": tiles}, _no_progress)
+    classify(engine, {"classes": CLASSES, "tile_size": 32}, {"canvas": canvas}, _no_progress)
+    calls = []
+    original = engine.loaded.model.encode_image
+    monkeypatch.setattr(engine.loaded.model, "encode_image", lambda x: calls.append(len(x)) or original(x))
+    again, _ = classify(engine, {"classes": ["airport", "beach"]}, {"tiles": tiles[[2, 0]].copy()}, _no_progress)
+    classify(engine, {"classes": ["airport"], "tile_size": 32}, {"canvas": canvas.copy()}, _no_progress)
+    assert calls == []  # new classes, same pixels: only text is encoded
+    mixed = np.concatenate([tiles[:1], rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)])
+    classify(engine, {"classes": CLASSES}, {"tiles": mixed}, _no_progress)
+    assert calls == [1]  # only the new tile
