@@ -38,7 +38,7 @@ def malformed(rng: random.Random, kind: str) -> List[bytes]:
     if kind == "bad_json":
         text = good[0].decode()
         cut = rng.randint(0, len(text) - 1)
-        return [text[:cut].encode() + rng.choice([b"", b"}", b"]]", b",,"]), good[1]]
+        return [text[:cut].encode() + rng.choice([b"", b"]]", b",,", b"{"]), good[1]]  # never valid JSON
     if kind == "bad_utf8":
         return [good[0][:10] + b"\xff\xfe\xc3" + good[0][10:], good[1]]
     if kind == "wrong_version":
