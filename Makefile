@@ -5,7 +5,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 QGIS_PYTHON ?= /usr/bin/python3
 # Debian packages the QGIS side and the test harness need.
-APT_PACKAGES := python3-qgis python3-zmq python3-pytest python3-hypothesis xvfb python3-venv
+APT_PACKAGES := python3-qgis qgis python3-zmq python3-pytest python3-hypothesis xvfb xauth python3-venv
 STAMP := $(VENV)/.installed
 PYTEST_FLAGS ?= -q
 export PYTHONDONTWRITEBYTECODE := 1
@@ -14,10 +14,11 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 help:
 	@echo "make test    install what is missing (venv, Debian QGIS packages) and run every test"
-	@echo "make demo    start a backend and run the main job against it"
+	@echo "make demo    start a backend and run the main job (the plugin's code, headless) against it"
 	@echo "make bench   run the benchmarks in bench/"
 	@echo "make reliability  fault, load and fuzz figures"
 	@echo "make plugin  build dist/mapquery_rs.zip for QGIS's 'Install from ZIP'"
+	@echo "make qgis    open QGIS with the plugin and the sample raster"
 
 # The backend's virtualenv: rebuilt only when pyproject.toml changes.
 venv: $(STAMP)
@@ -29,7 +30,8 @@ $(STAMP): pyproject.toml
 
 # QGIS's own Python with pyzmq, pytest and hypothesis (Debian packages), installed when missing.
 system-deps:
-	@if $(QGIS_PYTHON) -c "import qgis.core, zmq, pytest, hypothesis" 2>/dev/null && command -v xvfb-run >/dev/null; then \
+	@if $(QGIS_PYTHON) -c "import qgis.core, zmq, pytest, hypothesis" 2>/dev/null && command -v xvfb-run >/dev/null \
+		&& command -v qgis >/dev/null && command -v xauth >/dev/null; then \
 		:; \
 	elif [ "$$(id -u)" = 0 ]; then \
 		echo "installing Debian packages: $(APT_PACKAGES)"; \
@@ -54,8 +56,18 @@ test-plugin: venv system-deps
 		QT_QPA_PLATFORM=offscreen BACKEND_PYTHON=$(abspath $(VPY)) $(QGIS_PYTHON) -m pytest $(PYTEST_FLAGS) -p no:cacheprovider tests/plugin; \
 	fi
 
-demo: venv
-	$(VPY) -m backend demo
+# The main job, through the plugin's own code in QGIS's Python: backend, sample raster, classify, search,
+# localize; layers (GeoTIFF, GeoPackage), a project and a PNG of the map land in out/.
+demo: venv system-deps
+	QT_QPA_PLATFORM=offscreen $(QGIS_PYTHON) scripts/demo_plugin.py --backend-python $(VPY) --out out/
+
+# An installable plugin zip (Plugin Manager > Install from ZIP) with metadata.txt and shared_protocol inside.
+plugin: system-deps
+	$(QGIS_PYTHON) scripts/build_plugin.py
+
+# QGIS desktop with the plugin installed and the sample raster loaded (needs a display).
+qgis: venv system-deps
+	scripts/run_qgis.sh
 
 bench: venv
 	$(VPY) bench/run_all.py

@@ -1,0 +1,491 @@
+"""The dock widget: backend status, model/adapter, capture options and the Classify / Search / Localize tools.
+
+The widget only gathers parameters and shows results: captures come from :mod:`capture`, the work runs in
+a :class:`tasks.MapQueryTask`, layers are added in its ``finished()`` (main thread).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+from typing import Any, Dict, List, Optional
+
+from qgis.core import (Qgis, QgsApplication, QgsCoordinateTransform, QgsMapLayerProxyModel,
+                       QgsMapRendererParallelJob, QgsProject, QgsRectangle)
+from qgis.gui import QgsMapLayerComboBox
+from qgis.PyQt.QtCore import Qt, QTimer
+from qgis.PyQt.QtWidgets import (QComboBox, QDockWidget, QDoubleSpinBox, QFormLayout, QGroupBox, QHBoxLayout,
+                                 QLabel, QLineEdit, QPlainTextEdit, QProgressBar, QPushButton, QSpinBox,
+                                 QTableWidget, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)
+
+from . import capture as cap_mod
+from .connection import describe, probe
+from .errors import PluginError, is_cancel, plain_message
+from .layers import project_sources
+from .manager import BackendManager
+from .outputs import output_dir
+from .processors import ClassifyProcessor, Common, LocalizeProcessor, SearchProcessor, tile_pixels
+from .settings_dialog import PRESETS, SettingsDialog
+from .tasks import MapQueryTask, add_outcome
+
+SOURCES = [("view", "Map view (rendered)"), ("layer", "Layer extent (rendered)"),
+           ("bands", "Raw bands of a raster layer")]
+POLL_MS = 4000
+MAX_AUTO_RESTARTS = 3
+
+
+class MapQueryDock(QDockWidget):
+    def __init__(self, iface: Any, manager: BackendManager, parent: Optional[QWidget] = None):
+        super().__init__("MapQuery RS", parent)
+        self.setObjectName("MapQueryRSDock")
+        self.iface = iface
+        self.manager = manager
+        self.info: Dict[str, Any] = {}
+        self.tasks: List[MapQueryTask] = []
+        self.active: Optional[MapQueryTask] = None
+        self._jobs: List[Any] = []
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapquery-probe")
+        self._probe: Optional[concurrent.futures.Future] = None
+        self._last_state = ""
+        self._restarts = 0
+        self._user_stopped = False
+        self.search_hits: List[Dict[str, Any]] = []
+        self._search_crs = None
+
+        body = QWidget()
+        lay = QVBoxLayout(body)
+        lay.addWidget(self._status_box())
+        lay.addWidget(self._capture_box())
+        self.tabs = QTabWidget()
+        self.tabs.addTab(self._classify_tab(), "Classify")
+        self.tabs.addTab(self._search_tab(), "Search")
+        self.tabs.addTab(self._localize_tab(), "Localize")
+        lay.addWidget(self.tabs)
+        row = QHBoxLayout()
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 100)
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setEnabled(False)
+        self.cancel_btn.clicked.connect(self.cancel_active)
+        row.addWidget(self.progress)
+        row.addWidget(self.cancel_btn)
+        lay.addLayout(row)
+        lay.addStretch(1)
+        self.setWidget(body)
+
+        self.timer = QTimer(self)
+        self.timer.timeout.connect(self.poll)
+        self.timer.start(POLL_MS)
+        self.check_timer = QTimer(self)
+        self.check_timer.timeout.connect(self._check_probe)
+        self.check_timer.start(150)
+        QTimer.singleShot(0, self.poll)
+
+    # -- building -----------------------------------------------------------------------------------
+    def _status_box(self) -> QGroupBox:
+        box = QGroupBox("Backend")
+        form = QFormLayout(box)
+        self.status_label = QLabel("not checked yet")
+        self.status_label.setWordWrap(True)
+        self.model_label, self.device_label = QLabel("-"), QLabel("-")
+        self.protocol_label, self.weights_label = QLabel("-"), QLabel("-")
+        self.weights_label.setWordWrap(True)
+        form.addRow("Status", self.status_label)
+        form.addRow("Model", self.model_label)
+        form.addRow("Weights", self.weights_label)
+        form.addRow("Device", self.device_label)
+        form.addRow("Protocol", self.protocol_label)
+        self.model_combo = QComboBox()
+        self.model_combo.setEditable(True)
+        self.model_combo.addItems(PRESETS)
+        self.model_combo.setCurrentText(self.manager.settings.model)
+        self.model_combo.setToolTip("Preset served by a backend the plugin starts (applied by restarting it)")
+        apply_btn = QPushButton("Use")
+        apply_btn.clicked.connect(self.apply_model)
+        row = QHBoxLayout()
+        row.addWidget(self.model_combo, 1)
+        row.addWidget(apply_btn)
+        form.addRow("Model preset", row)
+        self.adapter_combo = QComboBox()
+        self.adapter_combo.addItem("(base model)", None)
+        form.addRow("Adapter", self.adapter_combo)
+        buttons = QHBoxLayout()
+        self.start_btn = QPushButton("Start")
+        self.start_btn.clicked.connect(self.start_backend)
+        self.stop_btn = QPushButton("Stop")
+        self.stop_btn.clicked.connect(self.stop_backend)
+        settings_btn = QPushButton("Settings…")
+        settings_btn.clicked.connect(self.open_settings)
+        for b in (self.start_btn, self.stop_btn, settings_btn):
+            buttons.addWidget(b)
+        form.addRow(buttons)
+        return box
+
+    def _capture_box(self) -> QGroupBox:
+        box = QGroupBox("Area")
+        form = QFormLayout(box)
+        self.source_combo = QComboBox()
+        for key, text in SOURCES:
+            self.source_combo.addItem(text, key)
+        self.layer_combo = QgsMapLayerComboBox()
+        self.layer_combo.setFilters(QgsMapLayerProxyModel.RasterLayer | QgsMapLayerProxyModel.VectorLayer)
+        self.bands_edit = QLineEdit()
+        self.bands_edit.setPlaceholderText("e.g. 3,2,1 (default: first three)")
+        self.resolution = QDoubleSpinBox()
+        self.resolution.setDecimals(8)
+        self.resolution.setRange(0.0, 1e9)
+        self.resolution.setToolTip("Ground size of one captured pixel, in map units (0: the view's current one)")
+        view_btn = QPushButton("View")
+        view_btn.setToolTip("Use the view's current resolution")
+        view_btn.clicked.connect(lambda: self.resolution.setValue(self._view_resolution()))
+        res_row = QHBoxLayout()
+        res_row.addWidget(self.resolution, 1)
+        res_row.addWidget(view_btn)
+        form.addRow("Capture", self.source_combo)
+        form.addRow("Layer", self.layer_combo)
+        form.addRow("Bands", self.bands_edit)
+        form.addRow("Resolution", res_row)
+        return box
+
+    def _tile_row(self, default_px: int):
+        spin = QDoubleSpinBox()
+        spin.setRange(1, 1e9)
+        spin.setDecimals(3)
+        spin.setValue(default_px)
+        unit = QComboBox()
+        unit.addItem("pixels", "pixels")
+        unit.addItem("map units", "map units")
+        row = QHBoxLayout()
+        row.addWidget(spin, 1)
+        row.addWidget(unit)
+        return spin, unit, row
+
+    def _classify_tab(self) -> QWidget:
+        w = QWidget()
+        form = QFormLayout(w)
+        self.preset_combo = QComboBox()
+        load = QPushButton("Load")
+        load.clicked.connect(self.load_class_preset)
+        row = QHBoxLayout()
+        row.addWidget(self.preset_combo, 1)
+        row.addWidget(load)
+        form.addRow("Class preset", row)
+        self.classes_edit = QPlainTextEdit()
+        self.classes_edit.setPlaceholderText("one class per line")
+        self.classes_edit.setPlainText("forest\nfarmland\nriver\ndense residential\nbare land")
+        form.addRow("Classes", self.classes_edit)
+        self.cls_tile, self.cls_unit, row = self._tile_row(224)
+        form.addRow("Tile size", row)
+        self.cls_topk = QSpinBox()
+        self.cls_topk.setRange(1, 20)
+        self.cls_topk.setValue(3)
+        form.addRow("Top-k", self.cls_topk)
+        btn = QPushButton("Classify")
+        btn.clicked.connect(lambda: self.run_tool("classify"))
+        form.addRow(btn)
+        return w
+
+    def _search_tab(self) -> QWidget:
+        w = QWidget()
+        form = QFormLayout(w)
+        self.search_edit = QLineEdit()
+        self.search_edit.setPlaceholderText("e.g. a bridge over a river")
+        self.search_edit.returnPressed.connect(lambda: self.run_tool("search"))
+        form.addRow("Query", self.search_edit)
+        self.srch_tile, self.srch_unit, row = self._tile_row(224)
+        form.addRow("Tile size", row)
+        self.srch_topk = QSpinBox()
+        self.srch_topk.setRange(1, 500)
+        self.srch_topk.setValue(10)
+        form.addRow("Top-k", self.srch_topk)
+        btn = QPushButton("Search")
+        btn.clicked.connect(lambda: self.run_tool("search"))
+        form.addRow(btn)
+        self.results = QTableWidget(0, 2)
+        self.results.setHorizontalHeaderLabels(["rank", "score"])
+        self.results.setEditTriggers(QTableWidget.NoEditTriggers)
+        self.results.setSelectionBehavior(QTableWidget.SelectRows)
+        self.results.cellClicked.connect(self.zoom_to_hit)
+        form.addRow(self.results)
+        return w
+
+    def _localize_tab(self) -> QWidget:
+        w = QWidget()
+        form = QFormLayout(w)
+        self.localize_edit = QLineEdit()
+        self.localize_edit.setPlaceholderText("e.g. a river winding through farmland (';' separates queries)")
+        self.localize_edit.returnPressed.connect(lambda: self.run_tool("localize"))
+        form.addRow("Query", self.localize_edit)
+        btn = QPushButton("Localize")
+        btn.clicked.connect(lambda: self.run_tool("localize"))
+        form.addRow(btn)
+        return w
+
+    # -- messages -----------------------------------------------------------------------------------
+    def message(self, text: str, level: Any = Qgis.Info, duration: int = 8) -> None:
+        bar = self.iface.messageBar() if self.iface is not None else None
+        if bar is not None:
+            bar.pushMessage("MapQuery", text, level, duration)
+
+    # -- backend status -----------------------------------------------------------------------------
+    def poll(self) -> None:
+        """Check the backend in a thread (never blocks the UI); also watch a backend the plugin owns."""
+        self._watch_process()
+        if self._probe is None:
+            self._probe = self._pool.submit(probe, dataclasses.replace(self.manager.settings), 2.0)
+
+    def _watch_process(self) -> None:
+        state = self.manager.process_state()
+        if state == self._last_state:
+            return
+        previous, self._last_state = self._last_state, state
+        if state == "failed":
+            hint = ""
+            if self.manager.process is not None and self.manager.process.weights_missing():
+                hint = (" To try the plugin without them, choose the preset 'tiny' and add --random-weights under "
+                        "Settings > More arguments (its answers are meaningless).")
+            self.message(f"The backend could not start: {self.manager.failure()}{hint}", Qgis.Critical, 0)
+        elif state == "stopped" and previous in ("ready", "starting") and not self._user_stopped:
+            if self._restarts < MAX_AUTO_RESTARTS:
+                self._restarts += 1
+                self.message("The backend stopped unexpectedly; restarting it.", Qgis.Warning)
+                self.start_backend(auto=True)
+            else:
+                self.message("The backend keeps stopping; start it again from the MapQuery dock.", Qgis.Critical, 0)
+
+    def _check_probe(self) -> None:
+        fut = self._probe
+        if fut is None or not fut.done():
+            return
+        self._probe = None
+        try:
+            self.set_info(fut.result())
+        except Exception as exc:  # noqa: BLE001
+            self.set_down(exc)
+
+    def set_info(self, info: Dict[str, Any]) -> None:
+        self.info = info
+        d = describe(info)
+        self.status_label.setText(f"<b style='color:#2a7d2a'>connected</b> to {self.manager.settings.address} "
+                                  f"(backend {d['backend_version']})")
+        self.model_label.setText(d["model"])
+        self.weights_label.setText(d["weights"])
+        self.device_label.setText(d["device"])
+        self.protocol_label.setText(d["protocol"])
+        names = [a.get("name") for a in info.get("adapters") or []]
+        current = [self.adapter_combo.itemData(i) for i in range(1, self.adapter_combo.count())]
+        if names != current:
+            keep = self.adapter_combo.currentData()
+            self.adapter_combo.clear()
+            self.adapter_combo.addItem("(base model)", None)
+            for n in names:
+                self.adapter_combo.addItem(n, n)
+            idx = self.adapter_combo.findData(keep)
+            self.adapter_combo.setCurrentIndex(max(idx, 0))
+        presets = sorted((info.get("capabilities") or {}).get("class_presets", {}))
+        if presets != [self.preset_combo.itemText(i) for i in range(self.preset_combo.count())]:
+            self.preset_combo.clear()
+            self.preset_combo.addItems(presets)
+
+    def set_down(self, exc: BaseException) -> None:
+        state = self.manager.process_state()
+        words = {"starting": "the backend is starting (loading the model)…",
+                 "failed": f"the backend could not start: {self.manager.failure()}",
+                 "stopped": "not running: press Start, or choose 'connect' in Settings"}.get(
+            state, plain_message(exc))
+        self.info = {}
+        self.status_label.setText(f"<b style='color:#b00'>not connected</b>: {words}")
+
+    def start_backend(self, auto: bool = False) -> None:
+        settings = self.manager.settings
+        if settings.mode != "start":
+            self.message("Settings say 'connect to a running backend': the plugin does not start one.", Qgis.Info)
+            return
+        if not auto:
+            self._restarts = 0
+        self._user_stopped = False
+        try:
+            self.manager.start()
+        except ValueError as exc:
+            self.message(str(exc), Qgis.Critical)
+            return
+        self.status_label.setText("starting the backend (loading the model)…")
+
+    def stop_backend(self) -> None:
+        self._user_stopped = True
+        self.manager.stop()
+        self.poll()
+
+    def apply_model(self) -> None:
+        self.manager.settings.model = self.model_combo.currentText().strip()
+        self.manager.settings.save()
+        if self.manager.managed:
+            self.start_backend()
+        else:
+            self.message("The model is chosen where the backend runs; this setting applies when the plugin starts "
+                         "the backend.", Qgis.Info)
+
+    def open_settings(self) -> None:
+        dlg = SettingsDialog(self.manager.settings, self)
+        if dlg.exec_():
+            new = dlg.settings()
+            restart = self.manager.managed and self.manager.process is not None and (
+                new.serve_command() != self.manager.settings.serve_command())
+            self.manager.settings = new
+            new.save()
+            self.model_combo.setCurrentText(new.model)
+            if new.mode != "start":
+                self.manager.stop()
+            elif restart:
+                self.start_backend()
+            self.poll()
+
+    def load_class_preset(self) -> None:
+        presets = (self.info.get("capabilities") or {}).get("class_presets", {})
+        names = presets.get(self.preset_combo.currentText())
+        if names:
+            self.classes_edit.setPlainText("\n".join(names))
+
+    # -- capture ------------------------------------------------------------------------------------
+    def _canvas(self):
+        return self.iface.mapCanvas()
+
+    def _view_resolution(self) -> float:
+        return float(self._canvas().mapUnitsPerPixel())
+
+    def capture_async(self, then) -> None:
+        """Capture the chosen area and call ``then(capture)`` on the main thread (rendering is asynchronous)."""
+        canvas = self._canvas()
+        source = self.source_combo.currentData()
+        crs = canvas.mapSettings().destinationCrs()
+        res = self.resolution.value() or self._view_resolution()
+        layer = self.layer_combo.currentLayer()
+        if source == "bands":
+            if layer is None or layer.type() != layer.RasterLayer:
+                raise PluginError("choose a raster layer to read bands from")
+            bands = [int(b) for b in self.bands_edit.text().replace(" ", "").split(",") if b] or None
+            view = QgsCoordinateTransform(crs, layer.crs(), QgsProject.instance()).transformBoundingBox(
+                canvas.extent())
+            same_units = layer.crs().mapUnits() == crs.mapUnits()
+            then(cap_mod.read_bands(layer, bands, view, res if (self.resolution.value() and same_units) else None))
+            return
+        if source == "layer":
+            if layer is None:
+                raise PluginError("choose a layer whose extent to capture")
+            extent = cap_mod.layer_extent_in(layer, crs)
+            layers = [layer]
+        else:
+            extent = canvas.extent()
+            layers = canvas.layers()
+        ms = cap_mod.map_settings(layers, extent, crs, res)
+        job = QgsMapRendererParallelJob(ms)
+        self._jobs.append(job)
+
+        def done() -> None:
+            self._jobs.remove(job)
+            try:
+                then(cap_mod.capture_from_image(job.renderedImage(), ms))
+            except Exception as exc:  # noqa: BLE001
+                self.message(plain_message(exc, "Capture"), Qgis.Critical)
+        job.finished.connect(done)
+        job.start()
+
+    # -- tools --------------------------------------------------------------------------------------
+    def _common(self) -> Common:
+        project = QgsProject.instance()
+        return Common(output_dir(self.manager.settings.output_dir, project.homePath()),
+                      self.adapter_combo.currentData(), project_sources(project))
+
+    def make_processor(self, tool: str, capture: cap_mod.Capture):
+        common = self._common()
+        if tool == "classify":
+            classes = self.classes_edit.toPlainText().splitlines()
+            return ClassifyProcessor(capture, classes, tile_pixels(self.cls_tile.value(), self.cls_unit.currentData(),
+                                                                   capture), common, top_k=self.cls_topk.value())
+        if tool == "search":
+            return SearchProcessor(capture, self.search_edit.text(),
+                                   tile_pixels(self.srch_tile.value(), self.srch_unit.currentData(), capture),
+                                   common, top_k=self.srch_topk.value())
+        return LocalizeProcessor(capture, self.localize_edit.text().split(";"), common)
+
+    def run_tool(self, tool: str) -> None:
+        if self.active is not None and not self.active.done:
+            self.message("A MapQuery request is still running; cancel it or wait.", Qgis.Warning)
+            return
+
+        def start(capture: cap_mod.Capture) -> None:
+            try:
+                processor = self.make_processor(tool, capture)
+            except PluginError as exc:
+                self.message(str(exc), Qgis.Warning)
+                return
+            self.start_task(MapQueryTask(processor, dataclasses.replace(self.manager.settings), self.task_done))
+        try:
+            self.capture_async(start)
+        except PluginError as exc:
+            self.message(plain_message(exc, "Capture"), Qgis.Warning)
+
+    def start_task(self, task: MapQueryTask) -> None:
+        self.tasks.append(task)  # keep a Python reference until it is finished
+        self.active = task
+        self.progress.setValue(0)
+        self.cancel_btn.setEnabled(True)
+        task.progressChanged.connect(lambda p: self.progress.setValue(int(p)))
+        QgsApplication.taskManager().addTask(task)
+
+    def cancel_active(self) -> None:
+        if self.active is not None and not self.active.done:
+            self.active.cancel()
+
+    def task_done(self, task: MapQueryTask) -> None:
+        if task in self.tasks:
+            self.tasks.remove(task)
+        if task is self.active:
+            self.active = None
+            self.cancel_btn.setEnabled(False)
+        if task.error is not None:
+            if is_cancel(task.error):
+                self.message(f"{task.processor.title}: cancelled.", Qgis.Info, 4)
+            else:
+                self.message(task.message(), Qgis.Critical, 0)
+            self.progress.setValue(0)
+            return
+        outcome = task.outcome
+        try:
+            add_outcome(outcome, QgsProject.instance(), self.manager.settings.heatmap_opacity)
+        except PluginError as exc:
+            self.message(str(exc), Qgis.Critical, 0)
+            return
+        self.progress.setValue(100)
+        if isinstance(task.processor, SearchProcessor):
+            self.show_hits(outcome.rows, task.processor.capture)
+        warn = f" ({'; '.join(outcome.warnings)})" if outcome.warnings else ""
+        self.message(f"{outcome.title}: {outcome.summary}{warn}", Qgis.Warning if warn else Qgis.Success)
+
+    def show_hits(self, rows: List[Dict[str, Any]], capture: cap_mod.Capture) -> None:
+        self.search_hits = rows
+        self._search_crs = capture.qgs_crs()
+        self.results.setRowCount(len(rows))
+        for i, r in enumerate(rows):
+            self.results.setItem(i, 0, QTableWidgetItem(str(r["rank"])))
+            self.results.setItem(i, 1, QTableWidgetItem(f"{r['score']:.4f}"))
+
+    def zoom_to_hit(self, row: int, _col: int = 0) -> None:
+        if not (0 <= row < len(self.search_hits)):
+            return
+        h = self.search_hits[row]
+        rect = QgsRectangle(h["xmin"], h["ymin"], h["xmax"], h["ymax"])
+        canvas = self._canvas()
+        dest = canvas.mapSettings().destinationCrs()
+        if self._search_crs is not None and self._search_crs != dest:
+            rect = QgsCoordinateTransform(self._search_crs, dest, QgsProject.instance()).transformBoundingBox(rect)
+        rect.scale(1.5)
+        canvas.setExtent(rect)
+        canvas.refresh()
+
+    def shutdown(self) -> None:
+        self.timer.stop()
+        self.check_timer.stop()
+        for task in list(self.tasks):
+            if not task.done:
+                task.cancel()
+        self._pool.shutdown(wait=False)

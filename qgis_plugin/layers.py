@@ -1,0 +1,119 @@
+"""Map layers from output files: styled, grouped under the query, added on the main thread only."""
+from __future__ import annotations
+
+import random
+from typing import Iterable, List, Optional, Sequence
+
+from qgis.core import (QgsCategorizedSymbolRenderer, QgsColorRampShader, QgsFillSymbol, QgsGradientColorRamp,
+                       QgsGradientStop, QgsLayerTreeGroup, QgsPalLayerSettings, QgsProject, QgsRasterLayer,
+                       QgsRasterShader, QgsRasterTransparency, QgsRendererCategory,
+                       QgsSingleBandPseudoColorRenderer, QgsTextBufferSettings, QgsTextFormat,
+                       QgsVectorLayer, QgsVectorLayerSimpleLabeling)
+from qgis.PyQt.QtGui import QColor
+
+from .errors import PluginError
+
+GROUP_PREFIX = "MapQuery: "
+# "magma"-like ramp: dark purple (low) to pale yellow (high)
+RAMP_STOPS = [(0.0, "#000004"), (0.25, "#51127c"), (0.5, "#b73779"), (0.75, "#fc8961"), (1.0, "#fcfdbf")]
+
+
+def heat_ramp() -> QgsGradientColorRamp:
+    first, last = RAMP_STOPS[0][1], RAMP_STOPS[-1][1]
+    stops = [QgsGradientStop(v, QColor(c)) for v, c in RAMP_STOPS[1:-1]]
+    return QgsGradientColorRamp(QColor(first), QColor(last), False, stops)
+
+
+def heatmap_layer(path: str, name: str, opacity: float = 0.6, transparent_below: float = 0.2,
+                  band: int = 1) -> QgsRasterLayer:
+    """A heatmap GeoTIFF (values 0-1) with a pseudocolor ramp, layer opacity and low values transparent."""
+    layer = QgsRasterLayer(path, name, "gdal")
+    if not layer.isValid():
+        raise PluginError(f"QGIS cannot open the heatmap {path}")
+    shader_fn = QgsColorRampShader(0.0, 1.0, heat_ramp(), QgsColorRampShader.Interpolated)
+    shader_fn.classifyColorRamp(len(RAMP_STOPS) * 2 + 1, band, layer.extent(), layer.dataProvider())
+    shader = QgsRasterShader()
+    shader.setRasterShaderFunction(shader_fn)
+    renderer = QgsSingleBandPseudoColorRenderer(layer.dataProvider(), band, shader)
+    renderer.setClassificationMin(0.0)
+    renderer.setClassificationMax(1.0)
+    renderer.setOpacity(opacity)
+    transparency = QgsRasterTransparency()
+    pixel = QgsRasterTransparency.TransparentSingleValuePixel()
+    pixel.min, pixel.max, pixel.percentTransparent = -1e30, transparent_below, 100.0
+    transparency.setTransparentSingleValuePixelList([pixel])
+    renderer.setRasterTransparency(transparency)
+    layer.setRenderer(renderer)
+    return layer
+
+
+def _label_settings(expression: str) -> QgsVectorLayerSimpleLabeling:
+    pal = QgsPalLayerSettings()
+    pal.isExpression = True
+    pal.fieldName = expression
+    fmt = QgsTextFormat()
+    fmt.setSize(8)
+    buf = QgsTextBufferSettings()
+    buf.setEnabled(True)
+    buf.setSize(0.8)
+    buf.setColor(QColor("white"))
+    fmt.setBuffer(buf)
+    pal.setFormat(fmt)
+    pal.placement = QgsPalLayerSettings.OverPoint if hasattr(QgsPalLayerSettings, "OverPoint") else pal.placement
+    return QgsVectorLayerSimpleLabeling(pal)
+
+
+def classification_layer(path: str, name: str, classes: Sequence[str], opacity: float = 0.55) -> QgsVectorLayer:
+    """A classification grid: one category (colour) per class on ``label``, labelled 'label score'."""
+    layer = QgsVectorLayer(path, name, "ogr")
+    if not layer.isValid():
+        raise PluginError(f"QGIS cannot open the classification grid {path}")
+    rng = random.Random(7)
+    categories = []
+    present = set(layer.uniqueValues(layer.fields().indexOf("label")))
+    for cls in classes:
+        if cls not in present:
+            continue
+        symbol = QgsFillSymbol.createSimple({"color": QColor.fromHsv(rng.randrange(360), 160, 230).name(),
+                                             "outline_color": "#333333", "outline_width": "0.2"})
+        categories.append(QgsRendererCategory(cls, symbol, cls))
+    layer.setRenderer(QgsCategorizedSymbolRenderer("label", categories))
+    layer.setOpacity(opacity)
+    layer.setLabeling(_label_settings("\"label\" || ' ' || format_number(\"score\", 2)"))
+    layer.setLabelsEnabled(True)
+    return layer
+
+
+def ranking_layer(path: str, name: str) -> QgsVectorLayer:
+    """Search results: tile outlines, labelled '#rank score'."""
+    layer = QgsVectorLayer(path, name, "ogr")
+    if not layer.isValid():
+        raise PluginError(f"QGIS cannot open the search results {path}")
+    symbol = QgsFillSymbol.createSimple({"color": "255,255,0,40", "outline_color": "#ffd400",
+                                         "outline_width": "0.8"})
+    layer.renderer().setSymbol(symbol)
+    layer.setLabeling(_label_settings("'#' || \"rank\" || ' ' || format_number(\"score\", 3)"))
+    layer.setLabelsEnabled(True)
+    return layer
+
+
+def project_sources(project: Optional[QgsProject] = None) -> List[str]:
+    """The file sources of the project's layers (to never hand out one of them as an output name)."""
+    project = project or QgsProject.instance()
+    return [lyr.source() for lyr in project.mapLayers().values()]
+
+
+def add_group(title: str, layers: Iterable, project: Optional[QgsProject] = None) -> QgsLayerTreeGroup:
+    """Add ``layers`` to a new group named after the query, at the top of the layer tree."""
+    project = project or QgsProject.instance()
+    root = project.layerTreeRoot()
+    base = GROUP_PREFIX + title
+    name, n = base, 2
+    existing = {child.name() for child in root.children() if isinstance(child, QgsLayerTreeGroup)}
+    while name in existing:
+        name, n = f"{base} ({n})", n + 1
+    group = root.insertGroup(0, name)
+    for layer in layers:
+        project.addMapLayer(layer, False)
+        group.addLayer(layer)
+    return group

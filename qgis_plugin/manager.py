@@ -1,0 +1,53 @@
+"""The backend the plugin talks to: started by the plugin (and stopped when QGIS quits) or a running one."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+from urllib.parse import urlparse
+
+from .backend_process import FAILED, READY, STARTING, STOPPED, BackendProcess
+from .settings import Settings
+
+
+def is_loopback(address: str) -> bool:
+    if address.startswith("ipc://") or address.startswith("inproc://"):
+        return True
+    host = urlparse(address).hostname or ""
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+class BackendManager:
+    """Owns at most one backend process; everything else just reads the settings."""
+
+    def __init__(self, settings: Optional[Settings] = None):
+        self.settings = settings or Settings()
+        self.process: Optional[BackendProcess] = None
+
+    @property
+    def managed(self) -> bool:
+        return self.settings.mode == "start"
+
+    def start(self) -> BackendProcess:
+        """Start (or restart) the backend with the current settings; returns at once."""
+        self.stop()
+        if not is_loopback(self.settings.address) and not self.settings.token:
+            raise ValueError("a backend started on a non-loopback address needs an access token")
+        self.process = BackendProcess(self.settings.serve_command(), env=self.settings.backend_env(),
+                                      cwd=self.settings.backend_dir or None).start()
+        return self.process
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+    def process_state(self) -> str:
+        """starting / ready / failed / stopped, or 'external' for a backend the plugin does not own."""
+        if not self.managed:
+            return "external"
+        return self.process.state() if self.process is not None else STOPPED
+
+    def failure(self) -> str:
+        return self.process.failure_reason() if self.process is not None else ""
+
+    def output(self) -> List[str]:
+        return list(self.process.output) if self.process is not None else []

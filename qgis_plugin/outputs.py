@@ -1,0 +1,147 @@
+"""Output files: a project-relative folder, unique names that never overwrite, atomic writes.
+
+Nothing here creates map layers, so every function may run in a worker thread.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import PluginError
+
+OUTPUT_SUBDIR = "mapquery_outputs"
+_NAME_LOCK = threading.Lock()
+_RESERVED: set = set()
+
+
+def output_dir(configured: str = "", project_home: str = "") -> Path:
+    """``configured`` (absolute, or relative to the project folder), else ``<project>/mapquery_outputs``,
+    else ``~/mapquery_outputs`` for an unsaved project."""
+    if configured:
+        p = Path(os.path.expanduser(configured))
+        if not p.is_absolute():
+            p = Path(project_home or Path.home()) / p
+    else:
+        p = Path(project_home) / OUTPUT_SUBDIR if project_home else Path.home() / OUTPUT_SUBDIR
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def slug(text: str, max_len: int = 40) -> str:
+    s = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
+    return (s[:max_len].rstrip("_") or "query")
+
+
+def unique_path(folder: Path, stem: str, suffix: str, taken: Iterable[str] = ()) -> Path:
+    """A new file name ``<stem>_<timestamp>[_n]<suffix>`` that exists neither on disk, nor among ``taken``
+    (the sources of the project's layers), nor among names handed out earlier in this session."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
+    taken_norm = {os.path.normcase(os.path.abspath(t.split("|")[0])) for t in taken}
+    with _NAME_LOCK:
+        for n in range(10000):
+            name = f"{stem}_{stamp}" + (f"_{n}" if n else "") + suffix
+            path = folder / name
+            key = os.path.normcase(os.path.abspath(path))
+            if not path.exists() and key not in taken_norm and key not in _RESERVED:
+                _RESERVED.add(key)
+                return path
+    raise PluginError(f"cannot find a free file name for {stem} in {folder}")
+
+
+def _temp_sibling(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=str(path.parent))
+    os.close(fd)
+    os.unlink(tmp)
+    return Path(tmp)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    tmp = _temp_sibling(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_geotiff(path: Path, bands: np.ndarray, transform: Sequence[float], crs_wkt: str,
+                  descriptions: Sequence[str] = (), nodata: Optional[float] = None) -> Path:
+    """Write a (B x) H x W float32 array as a deflate-compressed GeoTIFF (temp name, then rename)."""
+    from osgeo import gdal
+    arr = np.asarray(bands, dtype=np.float32)
+    arr = arr[None] if arr.ndim == 2 else arr
+    count, h, w = arr.shape
+    a, b, c, d, e, f = transform
+    tmp = _temp_sibling(path)
+    try:
+        opts = ["COMPRESS=DEFLATE", "PREDICTOR=3"] + (["TILED=YES"] if h >= 256 and w >= 256 else [])
+        ds = gdal.GetDriverByName("GTiff").Create(str(tmp), w, h, count, gdal.GDT_Float32, options=opts)
+        if ds is None:
+            raise PluginError(f"GDAL cannot create {tmp}")
+        ds.SetGeoTransform((c, a, b, f, d, e))
+        if crs_wkt:
+            ds.SetProjection(crs_wkt)
+        for i in range(count):
+            band = ds.GetRasterBand(i + 1)
+            band.WriteArray(arr[i])
+            if nodata is not None:
+                band.SetNoDataValue(nodata)
+            if i < len(descriptions):
+                band.SetDescription(descriptions[i])
+        ds.FlushCache()
+        ds = None
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_polygons_gpkg(path: Path, layer_name: str, fields: Sequence[Tuple[str, str]],
+                        rows: Sequence[Tuple[List[Tuple[float, float]], Dict[str, Any]]], crs) -> Path:
+    """Write polygons (each a closed ring and its attributes) to a new GeoPackage (temp name, then rename).
+
+    ``fields`` are (name, kind) with kind in int, double, string; ``crs`` a ``QgsCoordinateReferenceSystem``.
+    """
+    from qgis.core import (QgsCoordinateTransformContext, QgsFeature, QgsField, QgsFields, QgsGeometry,
+                           QgsPointXY, QgsVectorFileWriter, QgsWkbTypes)
+    from qgis.PyQt.QtCore import QVariant
+    kinds = {"int": QVariant.Int, "double": QVariant.Double, "string": QVariant.String}
+    qfields = QgsFields()
+    for name, kind in fields:
+        qfields.append(QgsField(name, kinds[kind]))
+    tmp = _temp_sibling(path)
+    opts = QgsVectorFileWriter.SaveVectorOptions()
+    opts.driverName = "GPKG"
+    opts.layerName = layer_name
+    opts.fileEncoding = "UTF-8"
+    try:
+        writer = QgsVectorFileWriter.create(str(tmp), qfields, QgsWkbTypes.Polygon, crs,
+                                            QgsCoordinateTransformContext(), opts)
+        if writer.hasError() != QgsVectorFileWriter.NoError:
+            raise PluginError(f"cannot write {path.name}: {writer.errorMessage()}")
+        for ring, attrs in rows:
+            feat = QgsFeature(qfields)
+            feat.setGeometry(QgsGeometry.fromPolygonXY([[QgsPointXY(x, y) for x, y in ring]]))
+            for name, _ in fields:
+                feat[name] = attrs.get(name)
+            writer.addFeature(feat)
+        del writer  # closes the file
+        os.replace(tmp, path)
+    finally:
+        for p in (tmp, Path(str(tmp) + "-wal"), Path(str(tmp) + "-shm")):
+            if p.exists():
+                p.unlink()
+    return path

@@ -1,0 +1,1 @@
+"""Processing provider: classify / localize / rank over whole raster layers."""

@@ -1,0 +1,109 @@
+"""The settings dialog: start a backend (Python path, model, extra arguments) or connect to one."""
+from __future__ import annotations
+
+from typing import Optional
+
+from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog,
+                                 QFormLayout, QHBoxLayout, QLineEdit, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+
+from .settings import Settings
+
+PRESETS = ["georsclip-vit-b-32", "georsclip-vit-b-32-ret2", "georsclip-vit-b-32-rsicd", "georsclip-vit-l-14",
+           "georsclip-vit-l-14-336", "georsclip-vit-h-14", "remoteclip-rn50", "remoteclip-vit-b-32",
+           "remoteclip-vit-l-14", "skyclip-vit-b-32", "skyclip-vit-l-14", "openai-vit-b-32", "openai-vit-b-16",
+           "openai-vit-l-14", "openai-rn50", "tiny"]  # python -m backend presets
+MODES = [("start", "Start the backend myself (stopped when QGIS quits)"),
+         ("connect", "Connect to a running backend (this or another machine)")]
+
+
+def _with_browse(edit: QLineEdit, directory: bool) -> QWidget:
+    box = QWidget()
+    lay = QHBoxLayout(box)
+    lay.setContentsMargins(0, 0, 0, 0)
+    lay.addWidget(edit)
+    btn = QPushButton("…")
+    btn.setMaximumWidth(30)
+
+    def browse() -> None:
+        path = (QFileDialog.getExistingDirectory(box, "Choose a folder", edit.text()) if directory else
+                QFileDialog.getOpenFileName(box, "Choose the Python interpreter", edit.text())[0])
+        if path:
+            edit.setText(path)
+    btn.clicked.connect(browse)
+    lay.addWidget(btn)
+    return box
+
+
+class SettingsDialog(QDialog):
+    def __init__(self, settings: Settings, parent: Optional[QWidget] = None):
+        super().__init__(parent)
+        self.setWindowTitle("MapQuery RS settings")
+        form = QFormLayout()
+        self.mode = QComboBox()
+        for key, text in MODES:
+            self.mode.addItem(text, key)
+        self.mode.setCurrentIndex(max(0, [k for k, _ in MODES].index(settings.mode) if settings.mode in
+                                      dict(MODES) else 0))
+        self.address = QLineEdit(settings.address)
+        self.address.setToolTip("tcp://HOST:PORT (ipc://PATH also works locally)")
+        self.token = QLineEdit(settings.token)
+        self.token.setEchoMode(QLineEdit.Password)
+        self.token.setToolTip("Access token; needed by a backend on another machine")
+        self.python = QLineEdit(settings.backend_python)
+        self.backend_dir = QLineEdit(settings.backend_dir)
+        self.backend_dir.setToolTip("Folder holding the 'backend' package (added to PYTHONPATH); empty when "
+                                    "the backend is installed in that Python")
+        self.model = QComboBox()
+        self.model.setEditable(True)
+        self.model.addItems(PRESETS)
+        self.model.setCurrentText(settings.model)
+        self.extra = QLineEdit(settings.extra_args)
+        self.extra.setPlaceholderText("--device cpu --adapter mine=/path/adapter.pt --random-weights")
+        self.offline = QCheckBox("Do not download weights (--offline)")
+        self.offline.setChecked(settings.offline)
+        self.timeout = QDoubleSpinBox()
+        self.timeout.setRange(1, 36000)
+        self.timeout.setSuffix(" s")
+        self.timeout.setValue(settings.timeout_s)
+        self.retries = QSpinBox()
+        self.retries.setRange(0, 10)
+        self.retries.setValue(settings.retries)
+        self.output_dir = QLineEdit(settings.output_dir)
+        self.output_dir.setPlaceholderText("<project folder>/mapquery_outputs")
+        self.opacity = QDoubleSpinBox()
+        self.opacity.setRange(0.05, 1.0)
+        self.opacity.setSingleStep(0.05)
+        self.opacity.setValue(settings.heatmap_opacity)
+        form.addRow("Backend", self.mode)
+        form.addRow("Address", self.address)
+        form.addRow("Access token", self.token)
+        form.addRow("Backend Python", _with_browse(self.python, False))
+        form.addRow("Backend source folder", _with_browse(self.backend_dir, True))
+        form.addRow("Model preset", self.model)
+        form.addRow("More arguments", self.extra)
+        form.addRow("", self.offline)
+        form.addRow("Request timeout", self.timeout)
+        form.addRow("Retries", self.retries)
+        form.addRow("Output folder", _with_browse(self.output_dir, True))
+        form.addRow("Heatmap opacity", self.opacity)
+        buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addWidget(buttons)
+        self.mode.currentIndexChanged.connect(self._update)
+        self._update()
+
+    def _update(self) -> None:
+        start = self.mode.currentData() == "start"
+        for w in (self.python, self.backend_dir, self.model, self.extra, self.offline):
+            w.setEnabled(start)
+
+    def settings(self) -> Settings:
+        return Settings(mode=self.mode.currentData(), address=self.address.text().strip(),
+                        token=self.token.text().strip(), timeout_s=self.timeout.value(),
+                        retries=self.retries.value(), backend_python=self.python.text().strip(),
+                        backend_dir=self.backend_dir.text().strip(), model=self.model.currentText().strip(),
+                        extra_args=self.extra.text().strip(), offline=self.offline.isChecked(),
+                        output_dir=self.output_dir.text().strip(), heatmap_opacity=self.opacity.value())

@@ -1,0 +1,95 @@
+"""Run inside the QGIS desktop (``qgis --code scripts/qgis_startup.py``): open the MapQuery dock, load a raster.
+
+Environment (all optional):
+  MAPQUERY_SAMPLE      raster to load (default ../shared/data/RGB.byte.tif when present)
+  MAPQUERY_AUTORUN     a localize query to run at once through the dock
+  MAPQUERY_SCREENSHOT  PNG path: after the autorun's heatmap is drawn, save a screenshot of the main window
+  MAPQUERY_RESULT      JSON path: write what happened (layers, messages) there
+  MAPQUERY_QUIT        "1": quit QGIS after the screenshot
+"""
+import json
+import os
+import time
+from pathlib import Path
+
+from qgis.core import QgsApplication, QgsLayerTreeGroup, QgsProject, QgsRasterLayer
+from qgis.PyQt.QtCore import QTimer
+from qgis.utils import iface, plugins
+
+_state = {"t0": time.monotonic(), "log": [], "phase": "start"}
+
+
+def _log(text):
+    _state["log"].append(f"{time.monotonic() - _state['t0']:.1f}s {text}")
+
+
+def _finish(ok, error=""):
+    result = {"ok": ok, "error": error, "log": _state["log"],
+              "layers": [l.name() for l in QgsProject.instance().mapLayers().values()],
+              "groups": [g.name() for g in QgsProject.instance().layerTreeRoot().children()
+                         if isinstance(g, QgsLayerTreeGroup)]}
+    path = os.environ.get("MAPQUERY_RESULT")
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2))
+    if os.environ.get("MAPQUERY_QUIT") == "1":
+        QTimer.singleShot(200, QgsApplication.exit)
+
+
+def _start():
+    plugin = plugins.get("mapquery_rs")
+    if plugin is None:
+        _log(f"plugin not loaded; loaded: {sorted(plugins)}")
+        return _finish(False, "the MapQuery plugin is not loaded")
+    dock = plugin.show_dock()
+    _log("dock open")
+    sample = os.environ.get("MAPQUERY_SAMPLE") or str(Path(__file__).resolve().parents[2] / "shared" / "data" /
+                                                      "RGB.byte.tif")
+    if Path(sample).is_file():
+        layer = QgsRasterLayer(sample, Path(sample).stem)
+        QgsProject.instance().addMapLayer(layer)
+        iface.mapCanvas().setDestinationCrs(layer.crs())
+        iface.mapCanvas().setExtent(layer.extent())
+        iface.mapCanvas().refresh()
+        _log(f"loaded {sample}")
+    query = os.environ.get("MAPQUERY_AUTORUN")
+    if not query:
+        return
+    dock.resolution.setValue(0.0)  # the view's own resolution
+    dock.localize_edit.setText(query)
+    dock.tabs.setCurrentIndex(2)
+
+    def wait_connected(tries=[0]):
+        tries[0] += 1
+        if dock.info:
+            _log("connected: " + dock.status_label.text())
+            dock.run_tool("localize")
+            QTimer.singleShot(300, wait_done)
+        elif tries[0] > 300:
+            _finish(False, "backend not connected: " + dock.status_label.text())
+        else:
+            QTimer.singleShot(200, wait_connected)
+
+    def wait_done(tries=[0]):
+        tries[0] += 1
+        groups = [g for g in QgsProject.instance().layerTreeRoot().children() if isinstance(g, QgsLayerTreeGroup)]
+        if groups:
+            _log(f"group {groups[0].name()} added")
+            iface.mapCanvas().refreshAllLayers()
+            QTimer.singleShot(3000, shoot)
+        elif tries[0] > 600:
+            _finish(False, "no result layer after 120 s")
+        else:
+            QTimer.singleShot(200, wait_done)
+
+    def shoot():
+        path = os.environ.get("MAPQUERY_SCREENSHOT")
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            ok = iface.mainWindow().grab().save(path, "PNG")
+            _log(f"screenshot {path}: {ok}")
+        _finish(True)
+
+    QTimer.singleShot(500, wait_connected)
+
+
+QTimer.singleShot(1000, _start)

@@ -1,0 +1,72 @@
+"""Fixtures for the plugin tests: one headless QgsApplication, the sample rasters, a live tiny backend
+(subprocess in the backend's own Python) and a scriptable fake ROUTER server."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data"
+QGIS_PLUGINS = "/usr/share/qgis/python/plugins"
+if QGIS_PLUGINS not in sys.path:
+    sys.path.append(QGIS_PLUGINS)
+
+import tempfile  # noqa: E402
+
+from qgis.core import QgsApplication, QgsProject  # noqa: E402
+from qgis.PyQt.QtCore import QCoreApplication, QSettings  # noqa: E402
+
+_CONFIG = tempfile.mkdtemp(prefix="mapquery-qgis-tests-")
+_APP = QgsApplication([], False, _CONFIG)
+_APP.initQgis()
+# keep the tests' QgsSettings away from the user's own settings
+QCoreApplication.setOrganizationName("MapQueryRSTests")
+QSettings.setPath(QSettings.NativeFormat, QSettings.UserScope, _CONFIG)
+
+
+@pytest.fixture(scope="session")
+def qgis_app():
+    return _APP
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA.is_dir():
+        pytest.skip(f"the shared sample rasters are not here ({DATA}); they exist on developer machines and in CI")
+    return DATA
+
+
+@pytest.fixture
+def project():
+    proj = QgsProject.instance()
+    proj.clear()
+    yield proj
+    proj.clear()
+
+
+@pytest.fixture(scope="session")
+def processing_ready(qgis_app):
+    from processing.core.Processing import Processing
+    Processing.initialize()
+    from qgis_plugin.processing.provider import MapQueryProvider
+    reg = QgsApplication.processingRegistry()
+    if reg.providerById("mapquery") is None:
+        reg.addProvider(MapQueryProvider())
+    return reg
+
+
+from mq_helpers import ROOT as _ROOT, backend_python, fake_server, start_live_backend  # noqa: E402,F401
+
+
+@pytest.fixture(scope="session")
+def live_backend():
+    """(process, settings) of a live backend serving the tiny model, shared by the session."""
+    proc, settings = start_live_backend()
+    yield settings
+    proc.stop()

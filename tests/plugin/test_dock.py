@@ -1,0 +1,194 @@
+"""The plugin as QGIS loads it (classFactory -> initGui), its dock driven like a user would, headless."""
+from __future__ import annotations
+
+import time
+
+import pytest
+from qgis.core import Qgis, QgsApplication, QgsLayerTreeGroup, QgsRasterLayer
+from qgis.gui import QgsMapCanvas
+from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtWidgets import QMainWindow
+
+
+class FakeBar:
+    def __init__(self):
+        self.messages = []
+
+    def pushMessage(self, title, text, level=Qgis.Info, duration=5):  # noqa: N802
+        self.messages.append((level, text))
+
+
+class FakeIface:
+    """The parts of QgisInterface the plugin uses, with a real map canvas."""
+
+    def __init__(self):
+        self.window = QMainWindow()
+        self.canvas = QgsMapCanvas(self.window)
+        self.canvas.resize(600, 400)
+        self.bar = FakeBar()
+        self.menu, self.toolbar = [], []
+
+    def mainWindow(self):  # noqa: N802
+        return self.window
+
+    def mapCanvas(self):  # noqa: N802
+        return self.canvas
+
+    def messageBar(self):  # noqa: N802
+        return self.bar
+
+    def addDockWidget(self, area, dock):  # noqa: N802
+        self.window.addDockWidget(area, dock)
+
+    def removeDockWidget(self, dock):  # noqa: N802
+        self.window.removeDockWidget(dock)
+
+    def addPluginToMenu(self, name, action):  # noqa: N802
+        self.menu.append(action)
+
+    def removePluginMenu(self, name, action):  # noqa: N802
+        self.menu.remove(action)
+
+    def addToolBarIcon(self, action):  # noqa: N802
+        self.toolbar.append(action)
+
+    def removeToolBarIcon(self, action):  # noqa: N802
+        self.toolbar.remove(action)
+
+
+def spin(condition, timeout=60.0):
+    end = time.monotonic() + timeout
+    while not condition():
+        QgsApplication.processEvents()
+        if time.monotonic() > end:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def plugin(qgis_app, project, live_backend, data_dir, tmp_path):
+    import qgis_plugin
+    from qgis_plugin.settings import Settings
+    Settings(mode="connect", address=live_backend.address, timeout_s=60, output_dir=str(tmp_path / "outputs")).save()
+    iface = FakeIface()
+    layer = QgsRasterLayer(str(data_dir / "RGB.byte.tif"), "rgb")
+    project.addMapLayer(layer)
+    iface.canvas.setDestinationCrs(layer.crs())
+    iface.canvas.setLayers([layer])
+    iface.canvas.setExtent(layer.extent())
+    plugin = qgis_plugin.classFactory(iface)
+    plugin.initGui()
+    assert QgsApplication.processingRegistry().providerById("mapquery") is not None
+    yield plugin, iface, layer
+    plugin.unload()
+    assert QgsApplication.processingRegistry().providerById("mapquery") is None and not iface.menu
+
+
+def test_dock_shows_status_and_runs_the_three_tools(plugin, project, tmp_path):
+    plugin, iface, layer = plugin
+    dock = plugin.show_dock()
+    assert dock is not None and dock.isVisible() is not None
+    spin(lambda: "connected" in dock.status_label.text() and "not" not in dock.status_label.text())
+    assert dock.model_label.text() == "tiny (tiny-vit)" and "random" in dock.weights_label.text()
+    assert dock.protocol_label.text() == "1" and dock.preset_combo.count() >= 5
+    dock.preset_combo.setCurrentText("eurosat")
+    dock.load_class_preset()
+    assert len(dock.classes_edit.toPlainText().splitlines()) == 10
+    dock.resolution.setValue(600.0)
+    dock.cls_tile.setValue(96 * 600.0)
+    dock.cls_unit.setCurrentIndex(dock.cls_unit.findData("map units"))
+    def capture_layer_extent():
+        dock.source_combo.setCurrentIndex(dock.source_combo.findData("layer"))
+        dock.layer_combo.setLayer(layer)
+
+    def capture_view():
+        dock.source_combo.setCurrentIndex(dock.source_combo.findData("view"))
+        dock.search_edit.setText("a river")
+    for tool, setup in (("classify", capture_layer_extent), ("search", capture_view),
+                        ("localize", lambda: dock.localize_edit.setText("forest; a river"))):
+        setup()
+        seen = len(iface.bar.messages)
+        dock.run_tool(tool)  # capture (asynchronous rendering), then a QgsTask; a message when it is done
+        spin(lambda: len(iface.bar.messages) > seen and dock.active is None)
+        assert iface.bar.messages[-1][1].startswith(tool)
+        errors = [m for lvl, m in iface.bar.messages if lvl == Qgis.Critical]
+        assert not errors, errors
+    groups = [c for c in project.layerTreeRoot().children() if isinstance(c, QgsLayerTreeGroup)]
+    assert [g.name() for g in groups] == ["MapQuery: localize: forest; a river", "MapQuery: search: a river",
+                                          "MapQuery: classify (10 classes, 96 px tiles)"]
+    assert len(groups[0].findLayers()) == 2  # one heatmap per query
+    grid = groups[2].findLayers()[0].layer()
+    assert grid.featureCount() == 5 * 4  # 96 px tiles over the layer's extent: 396 x 359 px at 600 m
+    assert all(p.parent == (tmp_path / "outputs") for p in
+               [__import__("pathlib").Path(l.layer().source().split("|")[0]) for g in groups for l in g.findLayers()])
+    # the search hits are listed; clicking one zooms the canvas onto that tile
+    assert dock.results.rowCount() == 10
+    hit = dock.search_hits[0]
+    dock.zoom_to_hit(0)
+    ext = iface.canvas.extent()
+    assert ext.contains(__import__("qgis.core", fromlist=["QgsPointXY"]).QgsPointXY(
+        (hit["xmin"] + hit["xmax"]) / 2, (hit["ymin"] + hit["ymax"]) / 2))
+    assert ext.center().x() == pytest.approx((hit["xmin"] + hit["xmax"]) / 2, abs=ext.width() / 50)
+    assert ext.center().y() == pytest.approx((hit["ymin"] + hit["ymax"]) / 2, abs=ext.height() / 50)
+
+
+def test_dock_reports_a_dead_backend(plugin, tmp_path):
+    from qgis_plugin.backend_process import free_port
+    plugin, iface, _ = plugin
+    dock = plugin.show_dock()
+    dock.manager.settings.address = f"tcp://127.0.0.1:{free_port()}"
+    dock.manager.settings.timeout_s = 1.0
+    dock.manager.settings.retries = 0
+    dock.poll()
+    spin(lambda: "not connected" in dock.status_label.text(), 20)
+    dock.resolution.setValue(2000.0)
+    dock.localize_edit.setText("x")
+    dock.run_tool("localize")
+    spin(lambda: iface.bar.messages and dock.active is None, 30)
+    level, text = iface.bar.messages[-1]
+    assert level == Qgis.Critical and ("not reachable" in text or "did not answer" in text)
+
+
+def test_plugin_starts_restarts_and_stops_its_own_backend(qgis_app, project, tmp_path):
+    """Mode 'start': the plugin launches the backend, restarts it after a crash, and stops it on unload."""
+    import qgis_plugin
+    from mq_helpers import ROOT, backend_python
+    from qgis_plugin.backend_process import free_port
+    from qgis_plugin.settings import Settings
+    from pathlib import Path
+    if not Path(backend_python()).exists():
+        pytest.skip("no backend Python (set BACKEND_PYTHON)")
+    Settings(mode="start", address=f"tcp://127.0.0.1:{free_port()}", backend_python=backend_python(),
+             backend_dir=str(ROOT), model="tiny", extra_args="--random-weights", offline=False,
+             output_dir=str(tmp_path)).save()
+    iface = FakeIface()
+    plugin = qgis_plugin.classFactory(iface)
+    plugin.initGui()  # starts the backend in the background at once
+    try:
+        first = plugin.manager.process
+        assert first is not None and first.running
+        dock = plugin.show_dock()
+        spin(lambda: dock.info.get("model", {}).get("name") == "tiny", 120)
+        first.proc.kill()  # the backend crashes
+        spin(lambda: plugin.manager.process is not first, 30)
+        assert any("restarting" in m for _, m in iface.bar.messages)
+        dock.info = {}
+        spin(lambda: dock.info.get("model", {}).get("name") == "tiny", 120)
+        second = plugin.manager.process
+        assert second.running
+    finally:
+        plugin.unload()  # what QGIS does when it quits
+    assert not second.running and plugin.manager.process is None
+
+
+def test_settings_dialog_round_trip(qgis_app):
+    from qgis_plugin.settings import Settings
+    from qgis_plugin.settings_dialog import SettingsDialog
+    s = Settings(mode="connect", address="tcp://10.1.2.3:6000", token="tok", timeout_s=42.0, retries=2,
+                 backend_python="/opt/py", backend_dir="/src", model="tiny", extra_args="--device cpu",
+                 offline=False, output_dir="res", heatmap_opacity=0.35)
+    dlg = SettingsDialog(s)
+    assert dlg.settings() == s
+    assert not dlg.python.isEnabled()  # start-only fields are off in 'connect' mode
+    dlg.mode.setCurrentIndex(dlg.mode.findData("start"))
+    assert dlg.python.isEnabled() and dlg.settings().mode == "start"
