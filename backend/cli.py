@@ -80,11 +80,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server = Server(ModelService(engine, limits, max_canvas_pixels=args.max_canvas_pixels,
                                      adapter_info=adapter_info),
                         ServerConfig(bind=args.bind, token=token, limits=limits, max_queue=args.max_queue))
-    except (ProtocolError, ValueError, OSError) as exc:
-        print(f"backend: cannot start: {getattr(exc, 'message', exc)}", file=sys.stderr, flush=True)
+    except ProtocolError as exc:  # 'cannot start (REASON): ...' is what launchers (the plugin) read
+        reason = exc.details.get("reason") or exc.code
+        print(f"backend: cannot start ({reason}): {exc.message}", file=sys.stderr, flush=True)
+        return 2
+    except (ValueError, OSError) as exc:
+        print(f"backend: cannot start (bad_config): {exc}", file=sys.stderr, flush=True)
         return 2
     except Exception as exc:  # zmq errors (address in use ...) and the like
-        print(f"backend: cannot start: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        print(f"backend: cannot start (error): {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return 2
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.stop())

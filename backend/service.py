@@ -18,6 +18,7 @@ from .tasks import classify as classify_task
 from .tasks import geo
 from .tasks import localize as localize_task
 from .tasks import rank as rank_task
+from .models.presets import PRESETS
 from .tasks.classnames import CLASS_PRESETS
 from .tasks.templates import TEMPLATE_SETS
 
@@ -73,6 +74,7 @@ class ModelService(Service):
                 "operations": sorted(self.handlers),
                 "template_sets": {k: len(v) for k, v in TEMPLATE_SETS.items()},
                 "class_presets": CLASS_PRESETS,
+                "model_presets": sorted(PRESETS),
                 "ensembles": ["georsclip", "openclip"],
                 "image_dtypes": ["uint8", "uint16"],
                 "max_canvas_pixels": self.max_canvas_pixels,

@@ -195,7 +195,8 @@ def load_model(model: str = DEFAULT_PRESET, *, model_config: Optional[PathLike] 
             except Exception as exc:
                 log.info("open_clip pretrained %s failed: %s", tag, exc)
         if source is None:
-            raise ModelLoadError(_missing_weights_message(model, preset, looked), model=model, looked=looked)
+            raise ModelLoadError(_missing_weights_message(model, preset, looked), model=model, looked=looked,
+                                 reason="weights_missing")
     weights = source or "random initialisation (--random-weights): answers are meaningless"
     clip = clip.to(dev).eval()
     for p in clip.parameters():

@@ -1,5 +1,6 @@
 """A real backend subprocess: typed errors for bad input, and it keeps serving; the command line."""
 import json
+import os
 import subprocess
 import sys
 
@@ -16,9 +17,9 @@ from shared_protocol.client import Client
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
-def run_cli(*args, timeout=120):
+def run_cli(*args, timeout=120, env=None):
     return subprocess.run([sys.executable, "-m", "backend", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+                          timeout=timeout, cwd=ROOT, env=None if env is None else {**os.environ, **env})
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,13 @@ def test_cli_errors_are_clear(live_server, tmp_path):
                   "--class", "a")
     assert out.returncode == 1 and "no such file" in out.stderr
     bad = run_cli("serve", "--model", "no-such-model", "--bind", f"tcp://127.0.0.1:{free_port()}")
-    assert bad.returncode == 2 and "unknown model" in bad.stderr
+    assert bad.returncode == 2 and "cannot start (model_error): unknown model" in bad.stderr
+    # launchers (the plugin, the demo) read this exact marker to offer the fallback
+    missing = run_cli("serve", "--offline", "--bind", f"tcp://127.0.0.1:{free_port()}",
+                      env={"MAPQUERY_WEIGHTS": str(tmp_path), "HF_HOME": str(tmp_path / "hf")})
+    assert missing.returncode == 2
+    assert "backend: cannot start (weights_missing): no weights found for 'georsclip-vit-b-32'" in missing.stderr
+    assert "RS5M_ViT-B-32.pt" in missing.stderr
     exposed = run_cli("serve", "--model", "tiny", "--random-weights", "--bind", f"tcp://0.0.0.0:{free_port()}")
     assert exposed.returncode == 2 and "token" in exposed.stderr
     presets = run_cli("presets", "--json")
