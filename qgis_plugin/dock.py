@@ -133,6 +133,7 @@ class MapQueryDock(QDockWidget):
         self.resolution = QDoubleSpinBox()
         self.resolution.setDecimals(8)
         self.resolution.setRange(0.0, 1e9)
+        self.resolution.setSpecialValueText("the view's (auto)")  # shown for 0
         self.resolution.setToolTip("Ground size of one captured pixel, in map units (0: the view's current one)")
         view_btn = QPushButton("View")
         view_btn.setToolTip("Use the view's current resolution")
