@@ -21,6 +21,7 @@ from .tasks.templates import expand, normalize_classname
 
 log = logging.getLogger("backend.engine")
 Progress = Callable[[float, str], None]
+WINDOW_PIXEL_BUDGET = 16 * 768 * 768  # window pixels converted to float at once (~113 MB as float32 RGB)
 
 
 def _no_progress(fraction: float, message: str = "") -> None:
@@ -123,14 +124,21 @@ class Engine:
         done = 0
         for size in sizes:
             idx = [i for i, (x0, y0, x1, y1) in enumerate(boxes) if (int(y1 - y0), int(x1 - x0)) == size]
+            # big windows are converted to float and resized a few at a time (bounded memory), then
+            # encoded together as one model batch
+            per_resize = max(1, WINDOW_PIXEL_BUDGET // (size[0] * size[1]))
             for start in range(0, len(idx), self.batch_size):
                 chunk = idx[start:start + self.batch_size]
                 progress(done / max(n, 1), f"encoding windows {done}/{n}")
-                crops = np.stack([canvas[boxes[i][1]:boxes[i][3], boxes[i][0]:boxes[i][2]] for i in chunk])
-                x = to_unit_tensor(crops, self.device, scale)
-                if crop_size:
-                    x = resize_exact(x, (crop_size, crop_size), quantize)
-                x = resize_shortest_and_crop(x, self.loaded.image_size, quantize)
+                parts = []
+                for sub in range(0, len(chunk), per_resize):
+                    crops = np.stack([canvas[boxes[i][1]:boxes[i][3], boxes[i][0]:boxes[i][2]]
+                                      for i in chunk[sub:sub + per_resize]])
+                    x = to_unit_tensor(crops, self.device, scale)
+                    if crop_size:
+                        x = resize_exact(x, (crop_size, crop_size), quantize)
+                    parts.append(resize_shortest_and_crop(x, self.loaded.image_size, quantize))
+                x = torch.cat(parts)
                 out.append(self.encode_pixels(normalize_input(x, self.loaded.mean, self.loaded.std), adapter))
                 order.extend(chunk)
                 done += len(chunk)
