@@ -19,6 +19,13 @@ MAX_TEXTS = 2000  # class names / queries in one request
 DEFAULT_MAX_CANVAS_PIXELS = 16384 * 16384  # a backend's default limit on height x width (see info.capabilities)
 
 
+def _texts(value) -> Optional[str]:
+    """Class names, texts and queries: each non-blank and at most MAX_TEXT characters."""
+    if all(0 < len(s) <= MAX_TEXT and s.strip() for s in value):
+        return None
+    return f"entries must be non-blank and at most {MAX_TEXT} characters"
+
+
 def _pair(value) -> Optional[str]:
     if len(value) != 2 or value[0] >= value[1]:
         return "must be [low, high] with low < high"
@@ -61,9 +68,7 @@ CLASSIFY = OpSpec(
     "Zero-shot labels per tile. Send 'tiles' (N x H x W x C), or one 'canvas' (H x W x C) with tile_size"
     " (and stride) to classify a grid over it.",
     params=(
-        Param("classes", "str_list", required=True, min_len=1, max_len=MAX_TEXTS,
-              check=lambda v: None if all(0 < len(s) <= MAX_TEXT and s.strip() for s in v)
-              else f"entries must be non-empty and at most {MAX_TEXT} characters",
+        Param("classes", "str_list", required=True, min_len=1, max_len=MAX_TEXTS, check=_texts,
               doc="class names (normalised: lower case, '_' and '/' become spaces)"),
         TOP_K,
         Param("templates", "str", default="georsclip", max_len=100,
@@ -86,9 +91,7 @@ RANK = OpSpec(
     "rank",
     "Similarity of images and queries (texts and/or query images), ranked both ways.",
     params=(
-        Param("texts", "str_list", nullable=True, max_len=MAX_TEXTS,
-              check=lambda v: None if all(0 < len(s) <= MAX_TEXT for s in v)
-              else f"entries must be 1-{MAX_TEXT} characters"),
+        Param("texts", "str_list", nullable=True, max_len=MAX_TEXTS, check=_texts),
         TOP_K, VALUE_RANGE, ADAPTER,
     ),
     arrays=(ArraySpec("images", IMAGE_DTYPES, (4,)),
@@ -100,9 +103,7 @@ LOCALIZE = OpSpec(
     "localize",
     "Semantic localization (SeLo): one heatmap per text query over one canvas.",
     params=(
-        Param("queries", "str_list", required=True, min_len=1, max_len=64,
-              check=lambda v: None if all(0 < len(s) <= MAX_TEXT for s in v)
-              else f"entries must be 1-{MAX_TEXT} characters"),
+        Param("queries", "str_list", required=True, min_len=1, max_len=64, check=_texts),
         Param("window_sizes", "int_list", default=lambda: [256, 512, 768], min_len=1, max_len=8, min=8,
               max=65536, doc="square window sizes in canvas pixels"),
         Param("crop_size", "int", default=256, min=8, max=4096,
@@ -125,7 +126,7 @@ EMBED = OpSpec(
     "embed",
     "Raw embeddings of images and/or texts.",
     params=(
-        Param("texts", "str_list", nullable=True, max_len=MAX_TEXTS),
+        Param("texts", "str_list", nullable=True, max_len=MAX_TEXTS, check=_texts),
         Param("normalize", "bool", default=True),
         VALUE_RANGE, ADAPTER,
     ),
