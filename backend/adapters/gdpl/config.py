@@ -1,0 +1,29 @@
+"""GDPL settings (Cao et al.; REFERENCE section 6). Widths come from the model: text width W_t, vision
+width W_v (512 / 768 in the paper's ViT-B/16), both divisible by 4 for the quaternion layers."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ..base import ConfigMixin
+
+
+@dataclass
+class GDPLConfig(ConfigMixin):
+    ctx_init: str = "a photo of a"  # prompt "[SOS][ctx_1..n] of a {class}."; the first n_ctx words seed ctx
+    n_ctx: int = 2
+    prompt_depth: int = 9  # layers with prompts (layer 0: shallow prompts; 1..depth-1: deep prompts)
+    deep_prompt_std: float = 0.02
+    domain_hidden: int = 32  # domain bias: Linear(D_d -> 32) ReLU Linear(32 -> W_t)
+    noise: bool = True  # n = N(0, 1) * mean(f_d), added to the context while training only
+    lora_depth: int = 9  # attention layers 0..lora_depth-1 of both encoders
+    lora_rank: int = 4
+    lora_alpha: float = 1.0  # QKV update scaled by (alpha / r) / 4
+    out_lora_scale: float = 0.25
+    # frozen domain model: 'self' (the base model's own vision tower), an open_clip preset or architecture
+    # (optionally with domain_model_config / domain_checkpoint), or 'timm:NAME' with domain_checkpoint
+    domain_model: str = "self"
+    domain_model_config: Optional[str] = None
+    domain_checkpoint: Optional[str] = None
+    domain_random_weights: bool = False  # tests only: random weights drawn with domain_seed (reproducible)
+    domain_seed: int = 0

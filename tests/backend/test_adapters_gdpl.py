@@ -1,0 +1,106 @@
+"""GDPL: quaternion layer against an explicit Hamilton product, coupling, domain model, shapes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from backend.adapters import AdapterError, build_adapter
+from backend.adapters.gdpl.layers import CoupledLoRA, QuaternionLinear
+
+
+def hamilton(a, b):
+    """Hamilton product of quaternions a = (a1, b1, c1, d1) and b, component-wise on arrays."""
+    a1, b1, c1, d1 = a
+    a2, b2, c2, d2 = b
+    return (a1 * a2 - b1 * b2 - c1 * c2 - d1 * d2,
+            a1 * b2 + b1 * a2 + c1 * d2 - d1 * c2,
+            a1 * c2 - b1 * d2 + c1 * a2 + d1 * b2,
+            a1 * d2 + b1 * c2 - c1 * b2 + d1 * a2)
+
+
+def test_quaternion_linear_is_a_hamilton_product():
+    torch.manual_seed(0)
+    q = QuaternionLinear(16, 8)
+    with torch.no_grad():
+        q.bias.normal_()
+    x = torch.randn(5, 16, dtype=torch.float64)
+    y = q.double()(x).detach().numpy()
+    r, i, j, k = (t.detach().double().numpy() for t in (q.r, q.i, q.j, q.k))  # (out/4, in/4)
+    xs = x.numpy().reshape(5, 4, 4)  # batch, component, unit
+    expected = np.zeros((5, 4, 2))
+    for o in range(2):
+        for n in range(4):
+            w = (r[o, n], i[o, n], j[o, n], k[o, n])
+            v = (xs[:, 0, n], xs[:, 1, n], xs[:, 2, n], xs[:, 3, n])
+            for c, val in enumerate(hamilton(w, v)):
+                expected[:, c, o] += val
+    expected = expected.reshape(5, 8) + q.bias.detach().double().numpy()
+    np.testing.assert_allclose(y, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_quaternion_layer_holds_a_quarter_of_the_dense_parameters():
+    for n_in, n_out in ((1024, 512), (1024, 768), (128, 64)):
+        q = QuaternionLinear(n_in, n_out, bias=False)
+        dense = torch.nn.Linear(n_in, n_out, bias=False)
+        assert sum(p.numel() for p in q.parameters()) * 4 == sum(p.numel() for p in dense.parameters())
+    with pytest.raises(AdapterError, match="divisible by 4"):
+        QuaternionLinear(10, 8)
+
+
+def test_quaternion_glorot_scale():
+    torch.manual_seed(0)
+    q = QuaternionLinear(1024, 512, bias=False)
+    w = q.weight().detach()
+    # E|q|^2 = 4 s^2 with s = 1 / sqrt(2 (256 + 128)): per real weight 1 / (2 * 384)
+    assert abs(float(w.pow(2).mean()) - 1.0 / 768) / (1.0 / 768) < 0.05
+    assert q.weight().shape == (512, 1024)
+
+
+def test_coupled_scaling_starts_uncoupled_and_couples():
+    lora = CoupledLoRA(64, 64, depth=2, rank=4)
+    assert torch.equal(lora.scales(), torch.ones(2, 4, 2))
+    with torch.no_grad():
+        lora.R.copy_(torch.tensor([[0.0, 1.0], [0.0, 0.0]]))  # text scale += vision scale
+        lora.S[..., 0] = 2.0
+    s = lora.scales()
+    assert torch.allclose(s[..., 0], torch.full((2, 4), 2.0)) and torch.allclose(s[..., 1], torch.full((2, 4), 3.0))
+    assert all(torch.equal(m.B_out, torch.zeros_like(m.B_out)) for m in [*lora.text, *lora.vision])
+    assert lora.text[0].qkv_scale == pytest.approx(1 / 4 / 4)
+
+
+def test_gdpl_shapes_and_depths(tiny):
+    a = build_adapter("gdpl", tiny, domain_model="tiny-quickgelu", domain_random_weights=True).eval()
+    assert a.config.prompt_depth == 2 and a.config.lora_depth == 2  # capped at the tiny model's 2 layers
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        feats = a.class_embeddings(["red", "dense_residential", "blue"], x)
+        assert feats.shape == (3, 3, 32)
+        assert a.class_embeddings(["red"]) is None  # image-dependent: no images, no learned features
+        assert not torch.allclose(feats[0], feats[1])  # the domain bias makes them depend on the image
+        assert a.encode_image(x).shape == (3, 32)
+    p = a.adapter["prompts"]
+    assert p.q_text.in_features == 128 and p.q_text.out_features == 64
+    assert len(p.q_vision) == 1 and p.deep_text.shape == (1, 2, 64)
+    assert a.domain.dim == 32 and a.domain.kind == "open_clip_vit"
+    assert not any(q.requires_grad for q in a.domain.parameters())
+
+
+def test_gdpl_domain_model_is_reproducible_and_frozen(tiny):
+    kw = dict(domain_model="tiny-quickgelu", domain_random_weights=True, domain_seed=5)
+    a, b = build_adapter("gdpl", tiny, **kw), build_adapter("gdpl", tiny, **kw)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(a.domain(x), b.domain(x))
+    assert a.domain.net is not tiny.model.visual
+    own = build_adapter("gdpl", tiny)
+    assert own.domain.net is tiny.model.visual
+
+
+def test_gdpl_noise_only_while_training(tiny):
+    a = build_adapter("gdpl", tiny)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        a.eval()
+        assert torch.equal(a.class_logits(x, ["red", "blue"]), a.class_logits(x, ["red", "blue"]))
+        a.train()
+        assert not torch.equal(a.class_logits(x, ["red", "blue"]), a.class_logits(x, ["red", "blue"]))
