@@ -95,6 +95,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     desc = loaded.describe()
     print(f"backend: model {desc['name']} ({desc['arch']}) on {desc['device']}; weights: {desc['weights']}",
           flush=True)
+    for name, meta in sorted(adapter_info.items()):
+        print(f"backend: adapter {name}: {meta.get('method')} ({meta.get('trainable_parameters')} parameters)",
+              flush=True)
     if loaded.random_weights:
         print("backend: WARNING: random weights, answers are meaningless", flush=True)
     print(f"backend: ready on {server.endpoint}", flush=True)

@@ -60,7 +60,8 @@ class Engine:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return None
 
-    def _ctx(self):
+    def autocast(self):
+        """The engine's autocast context (bf16/fp16 on CUDA, nothing on CPU by default)."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
@@ -78,7 +79,7 @@ class Engine:
     @torch.inference_mode()
     def encode_pixels(self, x: torch.Tensor, adapter: Optional[str] = None, normalize: bool = True) -> torch.Tensor:
         """Normalised model input (N x 3 x S x S) -> float32 embeddings (N x D), L2-normalised by default."""
-        with self._ctx():
+        with self.autocast():
             feats = self.model_for(adapter).encode_image(x).float()
         return F.normalize(feats, dim=-1) if normalize else feats
 
@@ -165,7 +166,7 @@ class Engine:
         for start in range(0, len(missing), self.config.text_batch_size):
             chunk = missing[start:start + self.config.text_batch_size]
             tokens = self.loaded.tokenizer([texts[i] for i in chunk]).to(self.device)
-            with self._ctx():
+            with self.autocast():
                 feats = model.encode_text(tokens).float()
             for i, f in zip(chunk, feats):
                 results[i] = f

@@ -38,6 +38,7 @@ class AdaptedModel(nn.Module):
     """
 
     method: str = ""
+    image_conditioned: bool = False  # class features depend on the image (GDPL): classify per batch
 
     def __init__(self, loaded, config: Any):
         super().__init__()

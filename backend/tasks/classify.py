@@ -5,12 +5,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from shared_protocol import ErrorCode, ProtocolError
 
 from ..cache import content_key
 from ..engine import Engine, Progress
-from ..models.preprocess import value_scale
+from ..models.preprocess import preprocess_batch, value_scale
 from .templates import get_templates, normalize_classname
 from .windows import grid_cells
 
@@ -31,17 +32,15 @@ def check_classes(classes: Sequence[str]) -> List[str]:
     return list(classes)
 
 
-def class_vectors(engine: Engine, classes: Sequence[str], params: Dict[str, Any],
-                  images: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """C x D class embeddings (or B x C x D from an image-conditioned prompt learner)."""
+def class_vectors(engine: Engine, classes: Sequence[str], params: Dict[str, Any]) -> torch.Tensor:
+    """C x D class embeddings: a prompt learner's own (CoOp), else prompt ensembling over templates."""
     adapter = params.get("adapter")
-    model = engine.model_for(adapter)
-    learned = getattr(model, "class_embeddings", None)
+    learned = getattr(engine.model_for(adapter), "class_embeddings", None)
     if learned is not None:
-        with torch.inference_mode():
-            vecs = learned(list(classes), images)
+        with torch.inference_mode(), engine.autocast():
+            vecs = learned(list(classes))
         if vecs is not None:
-            return torch.nn.functional.normalize(vecs.float(), dim=-1)
+            return F.normalize(vecs.float(), dim=-1)
     templates = params.get("custom_templates") or get_templates(params.get("templates") or "georsclip")
     return engine.class_embeddings(classes, templates, params.get("ensemble", "georsclip"), adapter)
 
@@ -73,20 +72,42 @@ def tiles_from_request(params: Dict[str, Any], arrays: Dict[str, np.ndarray]
     return windows, cells, canvas
 
 
+def conditioned_probabilities(engine: Engine, classes: Sequence[str], tiles: np.ndarray, scale,
+                              adapter: Optional[str], progress: Progress) -> torch.Tensor:
+    """Probabilities from a prompt learner whose class features depend on each image (GDPL), batch by batch."""
+    model = engine.model_for(adapter)
+    out = []
+    for start in range(0, len(tiles), engine.batch_size):
+        progress(start / max(len(tiles), 1), f"classifying {start}/{len(tiles)}")
+        x = preprocess_batch(tiles[start:start + engine.batch_size], engine.loaded, scale=scale)
+        with torch.inference_mode(), engine.autocast():
+            img = F.normalize(model.encode_image(x).float(), dim=-1)
+            txt = F.normalize(model.class_embeddings(list(classes), x).float(), dim=-1)
+        out.append(probabilities(img, txt))
+    return torch.cat(out)
+
+
 def classify(engine: Engine, params: Dict[str, Any], arrays: Dict[str, np.ndarray],
              progress: Progress) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
     classes = check_classes(params["classes"])
     tiles, cells, canvas = tiles_from_request(params, arrays)
     adapter = params.get("adapter")
-    if canvas is None:
-        scale = value_scale(tiles, params.get("value_range"))
-        feats = engine.encode_images(tiles, adapter, scale=scale, progress=lambda p, m: progress(0.9 * p, m))
+    if getattr(engine.model_for(adapter), "image_conditioned", False):
+        source = tiles if canvas is None else np.stack([canvas[y0:y1, x0:x1] for x0, y0, x1, y1 in tiles])
+        scale = value_scale(source if canvas is None else canvas[None], params.get("value_range"))
+        probs_t = conditioned_probabilities(engine, classes, source, scale, adapter,
+                                            lambda p, m: progress(0.9 * p, m))
     else:
-        scale = value_scale(canvas[None], params.get("value_range"))
-        key = ("grid", adapter, scale, content_key(canvas), content_key(tiles))
-        feats = engine.cache.get_or_compute(key, lambda: engine.encode_windows(
-            canvas, tiles, None, adapter, scale, lambda p, m: progress(0.9 * p, m)))
-    probs = probabilities(feats, class_vectors(engine, classes, params)).cpu().numpy().astype(np.float32)
+        if canvas is None:
+            scale = value_scale(tiles, params.get("value_range"))
+            feats = engine.encode_images(tiles, adapter, scale=scale, progress=lambda p, m: progress(0.9 * p, m))
+        else:
+            scale = value_scale(canvas[None], params.get("value_range"))
+            key = ("grid", adapter, scale, content_key(canvas), content_key(tiles))
+            feats = engine.cache.get_or_compute(key, lambda: engine.encode_windows(
+                canvas, tiles, None, adapter, scale, lambda p, m: progress(0.9 * p, m)))
+        probs_t = probabilities(feats, class_vectors(engine, classes, params))
+    probs = probs_t.cpu().numpy().astype(np.float32)
     k = min(params.get("top_k", 5), len(classes))
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     results = [{"index": i, "label": classes[order[i, 0]],

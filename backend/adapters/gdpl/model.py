@@ -41,6 +41,7 @@ class GDPLPrompts(nn.Module):
 
 class GDPLAdaptedModel(AdaptedModel):
     method = "gdpl"
+    image_conditioned = True
 
     def __init__(self, loaded, config: GDPLConfig):
         super().__init__(loaded, config)
