@@ -36,6 +36,31 @@ class EngineConfig:
     text_batch_size: int = 256
 
 
+def trimmed_text_encoder(model: torch.nn.Module) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """An exact, faster ``encode_text`` for open_clip's ``CLIP`` with a causal mask and EOT pooling.
+
+    With a causal attention mask, the end-of-text token's output depends only on the tokens before it, so
+    the padding after the longest prompt of a batch can be dropped: a 6-word query runs over ~10 positions
+    instead of 77. Other models (custom text towers, other pooling, adapters) return ``None``.
+    """
+    from open_clip.model import CLIP
+    from open_clip.transformer import text_global_pool
+    if type(model) is not CLIP or getattr(model, "text_pool_type", None) != "argmax" or model.attn_mask is None:
+        return None
+
+    def encode(tokens: torch.Tensor) -> torch.Tensor:
+        n = int(tokens.argmax(dim=-1).max()) + 1  # the EOT token has the highest id
+        tokens = tokens[:, :n]
+        cast = model.transformer.get_cast_dtype()
+        x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:n].to(cast)
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
+        x = text_global_pool(x, tokens, "argmax")
+        return model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) \
+            else x @ model.text_projection
+
+    return encode
+
+
 class Engine:
     """Encodes images and texts; ``adapter`` names select a loaded adapter instead of the base model."""
 
@@ -48,6 +73,7 @@ class Engine:
         self.cache = LRUCache(config.cache_bytes)
         self.batch_size = config.batch_size or (256 if self.device.type == "cuda" else 64)
         self.autocast_dtype = self._autocast_dtype(config.precision)
+        self._fast_text = trimmed_text_encoder(loaded.model)
 
     def _autocast_dtype(self, precision: str) -> Optional[torch.dtype]:
         if precision == "fp32":
@@ -155,6 +181,7 @@ class Engine:
                      use_cache: bool = True) -> torch.Tensor:
         """Texts -> T x D float32 embeddings (L2-normalised unless ``normalize=False``), cached per text."""
         model = self.model_for(adapter)
+        encode = self._fast_text if adapter is None and self._fast_text is not None else model.encode_text
         results: Dict[int, torch.Tensor] = {}
         missing: List[int] = []
         for i, t in enumerate(texts):
@@ -167,7 +194,7 @@ class Engine:
             chunk = missing[start:start + self.config.text_batch_size]
             tokens = self.loaded.tokenizer([texts[i] for i in chunk]).to(self.device)
             with self.autocast():
-                feats = model.encode_text(tokens).float()
+                feats = encode(tokens).float()
             for i, f in zip(chunk, feats):
                 results[i] = f
                 if use_cache:

@@ -58,3 +58,17 @@ def test_embed(engine, tiny, rng):
                                _direct(tiny, tiles, TEXTS), atol=1e-5)
     _, raw = embed(engine, {"texts": TEXTS, "normalize": False}, {}, _no_progress)
     assert not np.allclose(np.linalg.norm(raw["text_embeddings"], axis=1), 1.0)
+
+
+@pytest.mark.parametrize("arch", ["tiny", "tiny-quickgelu"])
+def test_trimmed_text_encoder_equals_open_clip(arch):
+    from backend.engine import trimmed_text_encoder
+    from backend.models import load_model
+    torch.manual_seed(2)
+    loaded = load_model(arch, random_weights=True, device="cpu")
+    fast = trimmed_text_encoder(loaded.model)
+    assert fast is not None
+    tokens = loaded.tokenizer(["a", "a harbour with many boats", "a remote sensing image of the dense residential."])
+    with torch.no_grad():
+        torch.testing.assert_close(fast(tokens), loaded.model.encode_text(tokens), atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(fast(tokens[:1]), loaded.model.encode_text(tokens[:1]), atol=2e-5, rtol=1e-5)
