@@ -148,7 +148,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 # -- scripting client ---------------------------------------------------------------------------------
 def _read_images(paths: Sequence[str]):
-    from .io import read_image
+    from .files import read_image
     return [read_image(p) for p in paths]
 
 
@@ -239,7 +239,7 @@ def _resize_tile(pixels, size: int):
 
 def cmd_localize(args: argparse.Namespace) -> int:
     import numpy as np
-    from .io import GEOTIFF_SUFFIXES, atomic_write
+    from .files import GEOTIFF_SUFFIXES, atomic_write
     try:
         img = _read_images([args.image])[0]
         georef = img.transform is not None and args.out and args.out.lower().endswith(GEOTIFF_SUFFIXES)

@@ -12,7 +12,7 @@ import numpy as np
 
 from shared_protocol.client import Client
 
-from .io import atomic_write, read_image
+from .files import atomic_write, read_image
 from .models.presets import DEFAULT_PRESET
 from .process import ServerStartError, start_server
 

@@ -64,8 +64,9 @@ def trimmed_text_encoder(model: torch.nn.Module) -> Optional[Callable[[torch.Ten
 class Engine:
     """Encodes images and texts; ``adapter`` names select a loaded adapter instead of the base model."""
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig(),
+    def __init__(self, loaded: LoadedModel, config: Optional[EngineConfig] = None,
                  adapters: Optional[Dict[str, torch.nn.Module]] = None):
+        config = config or EngineConfig()
         self.loaded = loaded
         self.config = config
         self.device = loaded.device

@@ -95,8 +95,9 @@ class ServerConfig:
 class Server:
     """Serve a :class:`Service` on a ROUTER socket until ``shutdown`` or :meth:`stop`."""
 
-    def __init__(self, service: Service, config: ServerConfig = ServerConfig(),
+    def __init__(self, service: Service, config: Optional[ServerConfig] = None,
                  context: Optional[zmq.Context] = None):
+        config = config or ServerConfig()
         if not is_loopback(config.bind) and not config.token:
             raise ValueError(f"refusing to bind {config.bind} without an access token: a non-loopback address "
                              "is reachable from the network. Pass --token (or set BACKEND_TOKEN), or bind "

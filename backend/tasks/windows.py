@@ -4,7 +4,7 @@ Boxes are ``int64`` arrays of ``(x0, y0, x1, y1)`` pixel bounds, end exclusive.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Tuple
 
 import numpy as np
 
@@ -69,6 +69,3 @@ def mean_over_windows(boxes: np.ndarray, scores: np.ndarray, height: int, width:
     col_cell = np.searchsorted(xs, np.arange(width), side="right") - 1
     return cell_mean[:, row_cell][:, :, col_cell]
 
-
-def boxes_union(groups: Sequence[np.ndarray]) -> np.ndarray:
-    return np.concatenate([g for g in groups if len(g)]) if groups else np.zeros((0, 4), np.int64)

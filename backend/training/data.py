@@ -1,5 +1,5 @@
 """Datasets: Karpathy JSON (RSICD, RSITMD, UCM-captions), CSV ``filename,title``, ImageFolder with N-shot
-sampling. Images are read with :func:`backend.io.read_image` and put through the model's own
+sampling. Images are read with :func:`backend.files.read_image` and put through the model's own
 preprocessing (:func:`backend.models.preprocess.preprocess_batch`) on the CPU.
 """
 from __future__ import annotations
@@ -162,7 +162,7 @@ class ImageLoader:
     def __call__(self, path: Path) -> Tensor:
         if self.cache is not None and path in self.cache:
             return self.cache[path]
-        from backend.io import read_image
+        from backend.files import read_image
         from backend.models.preprocess import preprocess_batch
         try:
             pixels = read_image(path).pixels
