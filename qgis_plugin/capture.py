@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -233,31 +233,52 @@ def to_wire(bands: np.ndarray, notes: List[str]) -> np.ndarray:
     return scaled.round().astype(np.uint16)
 
 
+@dataclass
+class RasterSource:
+    """What :func:`read_bands` needs of a raster layer, taken on the main thread. The provider is a clone,
+    so that the (possibly long) read can run in a worker thread without touching the layer."""
+
+    provider: Any
+    extent: Any  # QgsRectangle, in the layer's CRS
+    width: int
+    height: int
+    crs: Any
+    name: str
+
+    @classmethod
+    def of(cls, layer) -> "RasterSource":
+        from qgis.core import QgsCoordinateReferenceSystem, QgsRectangle
+        return cls(layer.dataProvider().clone(), QgsRectangle(layer.extent()), int(layer.width()),
+                   int(layer.height()), QgsCoordinateReferenceSystem(layer.crs()), layer.name())
+
+
 def read_bands(layer, bands: Optional[Sequence[int]] = None, extent=None, resolution: Optional[float] = None,
                max_side: int = DEFAULT_MAX_SIDE) -> Capture:
     """Raw values of ``bands`` (1-based; default the first three, or one) of a raster layer.
 
-    ``extent`` is in the layer's CRS (default: the whole layer). Without ``resolution`` the layer's own
-    pixel grid is used (the extent snapped outwards to it, the transform exactly the layer's); with it
-    the provider resamples (nearest) to square pixels of that size.
+    ``layer`` is a raster layer or a :class:`RasterSource` (for reads in a worker thread). ``extent`` is in
+    the layer's CRS (default: the whole layer). Without ``resolution`` the layer's own pixel grid is used
+    (the extent snapped outwards to it, the transform exactly the layer's); with it the provider resamples
+    (nearest) to square pixels of that size.
     """
     from qgis.core import QgsRectangle
-    provider = layer.dataProvider()
+    src = layer if isinstance(layer, RasterSource) else RasterSource.of(layer)
+    provider = src.provider
     count = provider.bandCount()
     bands = list(bands or (range(1, 4) if count >= 3 else [1]))
     if any(b < 1 or b > count for b in bands):
         raise PluginError(f"the layer has {count} band(s); cannot read band(s) {bands}")
-    full = layer.extent()
+    full = src.extent
     ext = full if extent is None else extent.intersect(full)
     if ext.isEmpty():
         raise PluginError("the requested area does not overlap the raster")
     if resolution is None:
-        xres = full.width() / layer.width()
-        yres = full.height() / layer.height()
+        xres = full.width() / src.width
+        yres = full.height() / src.height
         c0 = max(0, math.floor((ext.xMinimum() - full.xMinimum()) / xres + 1e-9))
-        c1 = min(layer.width(), math.ceil((ext.xMaximum() - full.xMinimum()) / xres - 1e-9))
+        c1 = min(src.width, math.ceil((ext.xMaximum() - full.xMinimum()) / xres - 1e-9))
         r0 = max(0, math.floor((full.yMaximum() - ext.yMaximum()) / yres + 1e-9))
-        r1 = min(layer.height(), math.ceil((full.yMaximum() - ext.yMinimum()) / yres - 1e-9))
+        r1 = min(src.height, math.ceil((full.yMaximum() - ext.yMinimum()) / yres - 1e-9))
         w, h = c1 - c0, r1 - r0
         if w > max_side or h > max_side:
             raise PluginError(f"{w} x {h} pixels is more than {max_side} on a side; choose a coarser resolution "
@@ -273,5 +294,5 @@ def read_bands(layer, bands: Optional[Sequence[int]] = None, extent=None, resolu
     arrays = [block_to_array(provider.block(b, ext, w, h)) for b in bands]
     notes: List[str] = []
     pixels = to_wire(np.stack(arrays, axis=2), notes)
-    authid, wkt = crs_strings(layer.crs())
-    return Capture(pixels, transform, wkt, authid, f"bands {bands} of {layer.name()}", notes)
+    authid, wkt = crs_strings(src.crs)
+    return Capture(pixels, transform, wkt, authid, f"bands {bands} of {src.name}", notes)

@@ -9,7 +9,7 @@ import concurrent.futures
 import dataclasses
 from typing import Any, Dict, List, Optional
 
-from qgis.core import (Qgis, QgsApplication, QgsCoordinateTransform, QgsMapLayerProxyModel,
+from qgis.core import (Qgis, QgsApplication, QgsCoordinateTransform, QgsMapLayerProxyModel, QgsTask,
                        QgsMapRendererParallelJob, QgsProject, QgsRectangle)
 from qgis.gui import QgsMapLayerComboBox
 from qgis.PyQt.QtCore import Qt, QTimer
@@ -367,7 +367,8 @@ class MapQueryDock(QDockWidget):
             view = QgsCoordinateTransform(crs, layer.crs(), QgsProject.instance()).transformBoundingBox(
                 canvas.extent())
             same_units = layer.crs().mapUnits() == crs.mapUnits()
-            then(cap_mod.read_bands(layer, bands, view, res if (self.resolution.value() and same_units) else None))
+            self._read_bands_async(cap_mod.RasterSource.of(layer), bands, view,
+                                   res if (self.resolution.value() and same_units) else None, then)
             return
         if source == "layer":
             if layer is None:
@@ -389,6 +390,22 @@ class MapQueryDock(QDockWidget):
                 self.message(plain_message(exc, "Capture"), Qgis.Critical)
         job.finished.connect(done)
         job.start()
+
+    def _read_bands_async(self, source, bands, view, res, then) -> None:
+        """Read raw bands in a background task (a large read must not freeze QGIS); ``then`` on the main thread."""
+        def read(task):
+            return cap_mod.read_bands(source, bands, view, res)
+
+        def done(exception, capture=None) -> None:
+            self._jobs.remove(task)
+            if exception is not None:
+                self.message(plain_message(exception, "Capture"), Qgis.Critical)
+            elif capture is not None:
+                then(capture)
+
+        task = QgsTask.fromFunction("MapQuery: read raster bands", read, on_finished=done)
+        self._jobs.append(task)  # keep a reference until it is done
+        QgsApplication.taskManager().addTask(task)
 
     # -- tools --------------------------------------------------------------------------------------
     def _common(self) -> Common:

@@ -132,6 +132,26 @@ def test_dock_shows_status_and_runs_the_three_tools(plugin, project, tmp_path):
     assert ext.center().y() == pytest.approx((hit["ymin"] + hit["ymax"]) / 2, abs=ext.height() / 50)
 
 
+def test_dock_reads_raw_bands_in_a_background_task(plugin, project):
+    plugin, iface, layer = plugin
+    dock = plugin.show_dock()
+    spin(lambda: "connected" in dock.status_label.text() and "not" not in dock.status_label.text())
+    dock.source_combo.setCurrentIndex(dock.source_combo.findData("bands"))
+    dock.layer_combo.setLayer(layer)
+    got = []
+    dock.capture_async(got.append)
+    assert got == []  # the read is queued in QGIS's task manager, not done on the main thread
+    spin(lambda: got)
+    cap = got[0]
+    assert cap.pixels.shape == (layer.height(), layer.width(), 3) and cap.pixels.dtype.name == "uint8"
+    assert cap.crs_authid == "EPSG:32618" and cap.transform[0] == pytest.approx(layer.rasterUnitsPerPixelX())
+    seen = len(iface.bar.messages)
+    dock.localize_edit.setText("a river")
+    dock.run_tool("localize")
+    spin(lambda: len(iface.bar.messages) > seen and dock.active is None)
+    assert iface.bar.messages[-1][1].startswith("localize"), iface.bar.messages[-1]
+
+
 def test_dock_reports_a_dead_backend(plugin, tmp_path):
     from qgis_plugin.backend_process import free_port
     plugin, iface, _ = plugin
