@@ -104,3 +104,39 @@ def test_gdpl_noise_only_while_training(tiny):
         assert torch.equal(a.class_logits(x, ["red", "blue"]), a.class_logits(x, ["red", "blue"]))
         a.train()
         assert not torch.equal(a.class_logits(x, ["red", "blue"]), a.class_logits(x, ["red", "blue"]))
+
+
+def test_timm_domain_model_with_its_checkpoint(tiny, tmp_path):
+    """A timm vision tower named with its checkpoint supplies the domain features (and reloads with the adapter)."""
+    import timm
+    import torch.nn.functional as F
+
+    from backend.adapters import load_adapter, save_adapter
+    torch.manual_seed(4)
+    net = timm.create_model("test_vit", pretrained=False, num_classes=0).eval()
+    torch.save(net.state_dict(), tmp_path / "domain.pt")
+    a = build_adapter("gdpl", tiny, domain_model="timm:test_vit", domain_checkpoint=str(tmp_path / "domain.pt"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got = a.domain(x)
+        # independent: undo the base model's normalisation, resize to the timm model's input, its own normalisation
+        cfg = timm.data.resolve_data_config({}, model=net)
+        raw = x * torch.tensor(tiny.std).view(1, 3, 1, 1) + torch.tensor(tiny.mean).view(1, 3, 1, 1)
+        raw = F.interpolate(raw, size=cfg["input_size"][-2:], mode="bilinear", antialias=True, align_corners=False)
+        tokens = net.forward_features((raw - torch.tensor(cfg["mean"]).view(1, 3, 1, 1))
+                                      / torch.tensor(cfg["std"]).view(1, 3, 1, 1))
+        torch.testing.assert_close(got, tokens.mean(dim=1))
+    assert a.domain.dim == net.num_features
+    with torch.no_grad():
+        for _, p in a.adapter_named_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = save_adapter(tmp_path / "gdpl.pt", a.eval())
+    b = load_adapter(path, tiny)
+    with torch.no_grad():
+        torch.testing.assert_close(a.class_embeddings(["red", "blue"], x), b.class_embeddings(["red", "blue"], x))
+    other = timm.create_model("test_vit2", pretrained=False, num_classes=0)
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    with pytest.raises(AdapterError):
+        build_adapter("gdpl", tiny, domain_model="timm:test_vit", domain_checkpoint=str(tmp_path / "other.pt"))
+    with pytest.raises(AdapterError, match="domain_checkpoint"):
+        build_adapter("gdpl", tiny, domain_model="timm:test_vit")
