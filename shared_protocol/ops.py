@@ -16,7 +16,11 @@ from .schema import ArraySpec, OpSpec, Param
 IMAGE_DTYPES = ("uint8", "uint16")
 MAX_TEXT = 500  # characters in one class name or query
 MAX_TEXTS = 2000  # class names / queries in one request
-DEFAULT_MAX_CANVAS_PIXELS = 16384 * 16384  # a backend's default limit on height x width (see info.capabilities)
+DEFAULT_MAX_CANVAS_PIXELS = 16384 * 16384
+# localize's median filter of `smooth` px runs on blocks of `smooth // SMOOTH_WORK_KERNEL` px averaged from the
+# canvas origin: a client stitching canvases keeps their origins on multiples of that block (and of the
+# window strides) to get seamless maps
+SMOOTH_WORK_KERNEL = 15  # a backend's default limit on height x width (see info.capabilities)
 
 
 def _texts(value) -> Optional[str]:

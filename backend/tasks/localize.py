@@ -12,19 +12,19 @@ Window embeddings are cached by canvas content, so a second query on the same ca
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from shared_protocol.ops import SMOOTH_WORK_KERNEL
+
 from ..cache import content_key
 from ..engine import Engine, Progress
 from ..models.preprocess import value_scale
 from .windows import mean_over_windows, selo_windows
 
-SMOOTH_WORK_KERNEL = 15
 
 
 def window_embeddings(engine: Engine, canvas: np.ndarray, sizes: Sequence[int], crop_size: Optional[int],
@@ -56,23 +56,31 @@ def normalize_minmax(h: np.ndarray) -> np.ndarray:
     return ((h - lo) / (hi - lo)).astype(np.float32)
 
 
+def smooth_block(kernel: int) -> int:
+    """The block size (px) the median filter of ``kernel`` px works on."""
+    return max(1, kernel // SMOOTH_WORK_KERNEL)
+
+
 def smooth_heatmap(h: np.ndarray, kernel: int) -> np.ndarray:
-    """Median filter of ``kernel`` pixels (odd), computed on a block-averaged copy when the kernel is large."""
+    """Median filter of ``kernel`` pixels (odd), computed on a block-averaged copy when the kernel is large.
+
+    Blocks are aligned to the canvas origin (the edge is padded by replication), so two canvases whose
+    origins differ by a multiple of the block smooth their common pixels alike.
+    """
     if kernel <= 1:
         return h
     from scipy import ndimage
-    factor = max(1, kernel // SMOOTH_WORK_KERNEL)
-    height, width = h.shape
+    factor = smooth_block(kernel)
     if factor == 1:
         return ndimage.median_filter(h, size=kernel, mode="nearest").astype(np.float32)
+    height, width = h.shape
     t = torch.from_numpy(np.ascontiguousarray(h, dtype=np.float32))[None, None]
-    small_size = (max(1, math.ceil(height / factor)), max(1, math.ceil(width / factor)))
-    small = F.adaptive_avg_pool2d(t, small_size)[0, 0].numpy()
-    k = max(1, round(kernel / factor)) | 1
-    small = ndimage.median_filter(small, size=k, mode="nearest")
-    up = F.interpolate(torch.from_numpy(small)[None, None], size=(height, width), mode="bilinear",
+    t = F.pad(t, (0, (-width) % factor, 0, (-height) % factor), mode="replicate")
+    small = F.avg_pool2d(t, factor)[0, 0].numpy()
+    small = ndimage.median_filter(small, size=max(1, round(kernel / factor)) | 1, mode="nearest")
+    up = F.interpolate(torch.from_numpy(small)[None, None], scale_factor=factor, mode="bilinear",
                        align_corners=False)
-    return up[0, 0].numpy().astype(np.float32)
+    return up[0, 0, :height, :width].numpy().astype(np.float32)
 
 
 def score_heatmaps(boxes: np.ndarray, window_feats: torch.Tensor, text_feats: torch.Tensor, height: int,

@@ -18,6 +18,7 @@ from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsGeome
 from qgis.PyQt.QtCore import QCoreApplication, QVariant
 
 from shared_protocol import ProtocolError
+from shared_protocol.ops import SMOOTH_WORK_KERNEL
 
 from ..capture import Capture, read_bands
 from ..connection import make_client
@@ -31,9 +32,16 @@ def _tr(text: str) -> str:
     return QCoreApplication.translate("MapQuery", text)
 
 
-def raster_blocks(layer: Any, bands: Optional[Sequence[int]], block_px: int, resolution: Optional[float]
-                  ) -> Iterator[Tuple[int, int, Capture]]:
-    """Yield (index, count, capture) for blocks of at most ``block_px`` pixels covering the whole raster."""
+def raster_blocks(layer: Any, bands: Optional[Sequence[int]], block_px: int, resolution: Optional[float],
+                  margin_px: int = 0, align_px: int = 1
+                  ) -> Iterator[Tuple[int, int, Capture, Tuple[int, int, int, int]]]:
+    """Yield (index, count, capture, inner) for blocks of at most ``block_px`` pixels covering the whole raster.
+
+    Each capture reaches at least ``margin_px`` beyond its block on every side (within the raster), its
+    origin snapped down to a multiple of ``align_px``, so that work near a block's edge sees the context
+    across it on the same window grid as its neighbour; ``inner`` = (row0, row1, col0, col1) is the block
+    itself inside the capture. Blocks tile the raster without overlap once cropped to ``inner``.
+    """
     full = layer.extent()
     if resolution:
         xres = yres = float(resolution)
@@ -47,13 +55,12 @@ def raster_blocks(layer: Any, bands: Optional[Sequence[int]], block_px: int, res
         for j in range(cols):
             c0, r0 = j * block_px, i * block_px
             c1, r1 = min(width, c0 + block_px), min(height, r0 + block_px)
-            x0, y1 = full.xMinimum() + c0 * xres, full.yMaximum() - r0 * yres
-            ext = QgsRectangle(x0, full.yMaximum() - r1 * yres, full.xMinimum() + c1 * xres, y1)
-            if resolution:
-                cap = read_bands(layer, bands, ext, resolution)
-            else:
-                cap = read_bands(layer, bands, ext)
-            yield i * cols + j, count, cap
+            mc0, mr0 = (max(0, (v - margin_px) // align_px * align_px) for v in (c0, r0))
+            mc1, mr1 = min(width, c1 + margin_px), min(height, r1 + margin_px)
+            ext = QgsRectangle(full.xMinimum() + mc0 * xres, full.yMaximum() - mr1 * yres,
+                               full.xMinimum() + mc1 * xres, full.yMaximum() - mr0 * yres)
+            cap = read_bands(layer, bands, ext, resolution) if resolution else read_bands(layer, bands, ext)
+            yield i * cols + j, count, cap, (r0 - mr0, r1 - mr0, c0 - mc0, c1 - mc0)
 
 
 def value_range_of(layer: Any, bands: Optional[Sequence[int]]) -> Optional[List[float]]:
@@ -151,7 +158,7 @@ class _TileAlgorithm(_Base):
                 ) -> Iterator[Tuple[float, Capture, np.ndarray, np.ndarray, np.ndarray]]:
         """(progress, block capture, cells, windows, tiles) for every batch of tiles of the raster."""
         block = max(tile, (self.BLOCK // tile) * tile)
-        for index, count, cap in raster_blocks(layer, bands, block, res):
+        for index, count, cap, _ in raster_blocks(layer, bands, block, res):
             cells, windows = grid_windows(cap.height, cap.width, tile)
             for start in range(0, len(windows), batch):
                 if feedback.isCanceled():
@@ -299,26 +306,32 @@ class LocalizeRasterAlgorithm(_Base):
         vr = value_range_of(layer, bands)
         pieces: List[Tuple[Capture, np.ndarray]] = []
         with make_client(settings) as client:
-            for index, count, cap in raster_blocks(layer, bands, block, res):
+            # window sizes and smoothing are chosen for the block; every block is read with a margin of the
+            # largest window plus the median kernel, from an origin on the common grid of the window strides,
+            # offsets and smoothing blocks, so that its pixels get what one whole-raster run would give them
+            sizes = auto_window_sizes(min(block, layer.height()), min(block, layer.width()))
+            smooth = auto_smooth(min(block, layer.height()), min(block, layer.width()))
+            align = math.lcm(*[max(1, s // 2) for s in sizes], *sizes, max(1, smooth // SMOOTH_WORK_KERNEL))
+            margin = max(sizes) + smooth
+            for index, count, cap, (r0, r1, c0, c1) in raster_blocks(layer, bands, block, res, margin, align):
                 if feedback.isCanceled():
                     break
-                reply = client.localize(cap.pixels, [query], window_sizes=auto_window_sizes(cap.height, cap.width),
-                                        smooth=auto_smooth(cap.height, cap.width), normalize=False,
+                reply = client.localize(cap.pixels, [query], window_sizes=sizes, smooth=smooth, normalize=False,
                                         value_range=vr, adapter=adapter, cancel=cancel)
-                pieces.append((cap, np.array(reply.arrays["heatmaps"][0], dtype=np.float32)))
+                inner = np.array(reply.arrays["heatmaps"][0][r0:r1, c0:c1], dtype=np.float32)
+                pieces.append((cap.pixel_to_map(c0, r0), inner))
                 feedback.setProgress(100.0 * (index + 1) / count)
         if feedback.isCanceled() or not pieces:
             return {}
-        first = pieces[0][0]
-        a, _, x0, _, e, y0 = first.transform
-        width = sum(c.width for c, _ in pieces if abs(c.transform[5] - y0) < abs(e) / 2)
-        height = sum(c.height for c, _ in pieces if abs(c.transform[2] - x0) < abs(a) / 2)
-        heat = np.zeros((height, width), np.float32)
-        for cap, h in pieces:
-            col, row = (int(round(v)) for v in first.map_to_pixel(cap.transform[2], cap.transform[5]))
-            heat[row:row + cap.height, col:col + cap.width] = h
+        (x0, y0), _ = pieces[0]
+        a, e = cap.transform[0], cap.transform[4]
+        placed = [(int(round((y - y0) / e)), int(round((x - x0) / a)), h) for (x, y), h in pieces]
+        heat = np.zeros((max(r + h.shape[0] for r, _, h in placed), max(c + h.shape[1] for _, c, h in placed)),
+                        np.float32)
+        for row, col, h in placed:
+            heat[row:row + h.shape[0], col:col + h.shape[1]] = h
         lo, hi = float(heat.min()), float(heat.max())
         heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
         from pathlib import Path
-        write_geotiff(Path(dest), heat, first.transform, first.crs_wkt, [f"heatmap: {query}"])
+        write_geotiff(Path(dest), heat, (a, 0.0, x0, 0.0, e, y0), cap.crs_wkt, [f"heatmap: {query}"])
         return {self.OUTPUT: dest}

@@ -56,6 +56,18 @@ def test_localize_raster_stitches_blocks(processing_ready, live_backend, data_di
     heat = ds.ReadAsArray()
     assert heat.min() == pytest.approx(0) and heat.max() == pytest.approx(1)
     assert np.isfinite(heat).all()
+    # the blocks were read with margins on a common grid: the stitched map equals one whole-raster request
+    # with the same windows and smoothing (what a 400 px block gets)
+    from qgis.core import QgsRasterLayer
+    from qgis_plugin.capture import read_bands
+    from qgis_plugin.processors import auto_smooth, auto_window_sizes
+    from shared_protocol.client import Client
+    whole = read_bands(QgsRasterLayer(src, "src"))
+    with Client(live_backend.address, timeout=120) as client:
+        ref = client.localize(whole.pixels, ["river"], window_sizes=auto_window_sizes(400, 400),
+                              smooth=auto_smooth(400, 400), normalize=False).arrays["heatmaps"][0]
+    ref = (ref - ref.min()) / (ref.max() - ref.min())
+    assert np.abs(heat - ref).max() < 1e-4
 
 
 def test_processing_errors_are_plain(processing_ready, data_dir, tmp_path):
