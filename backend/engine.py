@@ -15,7 +15,7 @@ from shared_protocol import ErrorCode, ProtocolError
 from .cache import LRUCache, content_key
 from .models.loading import LoadedModel
 from .models.preprocess import normalize as normalize_input
-from .models.preprocess import (preprocess_batch, resize_exact, resize_shortest_and_crop, to_unit_tensor,
+from .models.preprocess import (preprocess_batch, resize_exact, resize_shortest_and_crop, to_device, unit_rgb,
                                 value_scale)
 from .tasks.templates import expand, normalize_classname
 
@@ -144,6 +144,7 @@ class Engine:
         through the model's own preprocessing.
         """
         quantize = canvas.dtype == np.uint8
+        pixels = to_device(canvas, self.device)  # once: windows are cut on the device
         out: List[torch.Tensor] = []
         n = len(boxes)
         # group windows of equal size so that each batch is one tensor
@@ -160,9 +161,9 @@ class Engine:
                 progress(done / max(n, 1), f"encoding windows {done}/{n}")
                 parts = []
                 for sub in range(0, len(chunk), per_resize):
-                    crops = np.stack([canvas[boxes[i][1]:boxes[i][3], boxes[i][0]:boxes[i][2]]
-                                      for i in chunk[sub:sub + per_resize]])
-                    x = to_unit_tensor(crops, self.device, scale)
+                    crops = torch.stack([pixels[boxes[i][1]:boxes[i][3], boxes[i][0]:boxes[i][2]]
+                                         for i in chunk[sub:sub + per_resize]])
+                    x = unit_rgb(crops, scale)
                     if crop_size:
                         x = resize_exact(x, (crop_size, crop_size), quantize)
                     parts.append(resize_shortest_and_crop(x, self.loaded.image_size, quantize))

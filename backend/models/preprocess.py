@@ -47,20 +47,27 @@ def check_images(images: np.ndarray, name: str = "images") -> None:
                             {"name": name})
 
 
-def to_unit_tensor(images: np.ndarray, device: torch.device, scale: Tuple[float, float]) -> torch.Tensor:
-    """N x H x W x C integer array -> N x 3 x H x W float32 tensor in [0, 1] on ``device``."""
-    lo, hi = scale
+def to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """An integer image array as a tensor on ``device``: uint8 stays uint8, other types become float32."""
     if images.dtype == np.uint8:
-        t = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True)
-    else:
-        t = torch.from_numpy(images.astype(np.float32)).to(device, non_blocking=True)
+        return torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True)
+    return torch.from_numpy(images.astype(np.float32)).to(device, non_blocking=True)
+
+
+def unit_rgb(t: torch.Tensor, scale: Tuple[float, float]) -> torch.Tensor:
+    """N x H x W x C tensor (from :func:`to_device`) -> N x 3 x H x W float32 in [0, 1]."""
+    lo, hi = scale
     t = t.permute(0, 3, 1, 2)
-    c = t.shape[1]
-    t = t[:, :3] if c >= 3 else t[:, :1].expand(-1, 3, -1, -1)
+    t = t[:, :3] if t.shape[1] >= 3 else t[:, :1].expand(-1, 3, -1, -1)
     t = t.float()
     if (lo, hi) != (0.0, 1.0):
         t = (t - lo) / (hi - lo)
     return t.clamp_(0.0, 1.0)
+
+
+def to_unit_tensor(images: np.ndarray, device: torch.device, scale: Tuple[float, float]) -> torch.Tensor:
+    """N x H x W x C integer array -> N x 3 x H x W float32 tensor in [0, 1] on ``device``."""
+    return unit_rgb(to_device(images, device), scale)
 
 
 def resize_shortest_and_crop(x: torch.Tensor, size: Tuple[int, int], quantize: bool) -> torch.Tensor:
