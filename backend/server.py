@@ -239,7 +239,7 @@ class Server:
             "protocol": PROTOCOL_VERSION,
             "backend_version": __version__,
             "server": {"endpoint": self.endpoint, "uptime_s": round(time.time() - self.started, 3),
-                       "queued": self._queue.qsize(), "auth": bool(self.config.token)},
+                       "queued": self._queue.qsize(), "auth": bool(self.config.token), **self.counts},
             "limits": self.config.limits.to_dict(),
             "operations": sorted(OPS),
         }

@@ -27,6 +27,7 @@ def test_hello_info_ping_and_echo(addr):
     with running_server(addr), Client(addr, timeout=5) as c:
         info = c.hello()
         assert info["protocol"] == 1 and info["model"]["name"] == "stub" and "classify" in info["operations"]
+        assert info["server"]["requests"] >= 1 and info["server"]["errors"] == 0
         assert c.ping()["pong"] is True
         tiles = np.arange(2 * 3 * 3 * 3, dtype=np.uint16).reshape(2, 3, 3, 3)
         reply = c.classify(["a", "b"], tiles, top_k=1)
