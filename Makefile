@@ -23,7 +23,11 @@ help:
 # The backend's virtualenv: rebuilt only when pyproject.toml changes.
 venv: $(STAMP)
 $(STAMP): pyproject.toml
-	@test -x $(VPY) || $(PYTHON) -m venv $(VENV) || { echo "cannot create a venv: install python3-venv"; exit 1; }
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV) || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			rm -rf $(VENV); apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null \
+			&& $(PYTHON) -m venv $(VENV); \
+		else echo "cannot create a venv: install python3-venv"; exit 1; fi; }
 	$(VPY) -m pip install --quiet --upgrade pip
 	$(VPY) -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
