@@ -64,6 +64,17 @@ class LoadedModel:
         }
 
 
+class _NoPretrainedNotice(logging.Filter):
+    """open_clip warns 'No pretrained weights loaded' whenever it builds a bare model; we load weights
+    ourselves right after (or say plainly that they are random), so that notice only misleads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
+logging.getLogger().addFilter(_NoPretrainedNotice())
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """'auto' picks CUDA when present, else CPU; asking for CUDA without one is an error."""
     if device in (None, "", "auto"):

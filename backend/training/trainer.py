@@ -208,6 +208,10 @@ class Trainer:
                 (self.out / "metrics.jsonl").unlink()
             model = self._build(dict(cfg.method_config))
             opt = self._optimizer(model)
+            if not self.data.held_out:
+                self.log("warning: no held-out data is left for evaluation (every image went into training): "
+                         "pass --val-data DIR, fewer --shots, or caption data with a val/test split; "
+                         "training continues without evaluation")
             before = self.evaluate(model)
             self._log_metrics({"epoch": 0, "eval": before})
             self.log(f"epoch 0 (before training): {_fmt(before)}")
