@@ -63,6 +63,18 @@ class Client:
             self._socket.close(linger=0)
             self._socket = None
 
+    def _abandon(self, req: Request) -> None:
+        """Give up on an attempt: ask the server to drop it (a slow server would otherwise finish it for no
+        one, while working on the retry too), then close the socket."""
+        if self._socket is not None and OPS[req.op].long_running:
+            try:
+                self._send_cancel(self._socket, req.id)
+                self._socket.close(linger=100)  # a moment to flush the cancel; a dead server never takes it
+            except zmq.ZMQError:
+                self._socket.close(linger=0)
+            self._socket = None
+        self._reset()
+
     def close(self) -> None:
         with self._lock:
             self._reset()
@@ -101,7 +113,7 @@ class Client:
                     if exc.code not in (ErrorCode.TIMEOUT, ErrorCode.UNAVAILABLE):
                         raise
                     last = exc
-                    self._reset()  # Lazy Pirate: a fresh socket before the next try
+                    self._abandon(req)  # Lazy Pirate: a fresh socket before the next try
                     continue
                 if reply.status == "error":
                     assert reply.error is not None

@@ -116,6 +116,17 @@ def test_stale_replies_are_never_taken_for_the_next_answer(addr):
         assert reply.result["classes"] == ["fast"]
 
 
+def test_abandoned_attempts_are_cancelled_on_the_server(addr):
+    service = SlowService()
+    with running_server(addr, service), Client(addr, timeout=0.5, retries=1, heartbeat_interval=10) as c:
+        with pytest.raises(ProtocolError) as e:
+            c.classify(["a"], np.zeros((1, 2, 2, 3), np.uint8), top_k=10)  # 1 s of work, 0.5 s per attempt
+        assert e.value.code == ErrorCode.TIMEOUT and e.value.details["attempts"] == 2
+        time.sleep(2.0)  # long enough for both attempts to have finished, had they not been cancelled
+        assert service.handled == []
+        assert c.ping()["pong"]
+
+
 def test_non_loopback_bind_needs_a_token_and_wrong_tokens_are_rejected():
     assert is_loopback("tcp://127.0.0.1:1") and is_loopback("tcp://localhost:1") and is_loopback("ipc:///tmp/x")
     assert is_loopback("tcp://[::1]:5") and not is_loopback("tcp://0.0.0.0:1") and not is_loopback("tcp://*:1")
