@@ -268,6 +268,8 @@ class Server:
             finally:
                 with self._jobs_lock:
                     self._jobs.pop((job.peer, request.id), None)
+            if reply.status == "error":
+                self.counts["errors"] += 1  # (statistics: a rare lost update between threads is harmless)
             try:
                 self._push(job.peer, reply)
             except Exception:

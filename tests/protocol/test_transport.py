@@ -55,6 +55,7 @@ def test_cancel_stops_a_running_request_and_the_server_goes_on(addr):
         assert e.value.code == ErrorCode.CANCELLED
         assert time.monotonic() - t < 3
         assert c.ping()["pong"]
+        assert c.info()["server"]["errors"] == 1  # the worker's 'cancelled' reply is counted
         assert service.handled == []  # the cancelled job never finished
 
 
