@@ -120,7 +120,8 @@ class Engine:
         """
         scale = scale or value_scale(images, value_range)
         n = images.shape[0]
-        keys = [("tile", adapter, scale, content_key(t)) for t in images] if normalize else [None] * n
+        cached = normalize and self.cache.max_bytes > 0  # no hashing when the cache is off
+        keys = [("tile", adapter, scale, content_key(t)) for t in images] if cached else [None] * n
         found = {i: self.cache.get(k) for i, k in enumerate(keys) if k is not None}
         todo = [i for i in range(n) if found.get(i) is None]
         for start in range(0, len(todo), self.batch_size):
