@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import zmq
@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from backend.fuzz import KINDS, malformed  # noqa: E402
-from backend.process import free_port, start_server  # noqa: E402
+from backend.process import ServerProcess, free_port, start_server  # noqa: E402
 from shared_protocol import ErrorCode, ProtocolError  # noqa: E402
 from shared_protocol.client import Client  # noqa: E402
 
@@ -169,9 +169,14 @@ def load(clients: int = 8, requests: int = 50, seed: int = 7) -> Dict[str, Any]:
             "backend_rss_mb_during": round(max(samples) / 1024, 1) if samples else None}
 
 
-def fuzz(count: int = 10000, seed: int = 20261124) -> Dict[str, Any]:
-    """Malformed messages to a live backend: every one gets a typed error; no crash; memory stable."""
-    server = start_server(SERVER_ARGS)
+def fuzz(count: int = 10000, seed: int = 20261124, server: Optional[ServerProcess] = None) -> Dict[str, Any]:
+    """Malformed messages to a live backend: every one gets a typed error; no crash; memory stable.
+
+    ``codes`` counts each reply's error code (or its status, were it not an error) after a warm-up of 500
+    messages that lets allocator pools settle before memory is measured. Uses ``server`` when given.
+    """
+    own = server is None
+    server = server or start_server(SERVER_ARGS)
     rng = random.Random(seed)
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -199,7 +204,8 @@ def fuzz(count: int = 10000, seed: int = 20261124) -> Dict[str, Any]:
     with Client(server.address, timeout=10) as c:
         serves = c.ping()["pong"] is True
     sock.close()
-    server.stop()
+    if own:
+        server.stop()
     return {"messages": count, "unanswered": unanswered, "crashed": not alive, "serves_after": serves,
             "codes": codes, "rss_before_mb": round(before / 1024, 1), "rss_after_mb": round(after / 1024, 1),
             "messages_per_s": round(count / elapsed)}
