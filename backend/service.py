@@ -65,7 +65,8 @@ class ModelService(Service):
         dev = loaded.device
         device = {"type": dev.type, "name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
                   platform.processor() or "cpu",
-                  "precision": str(self.engine.autocast_dtype or torch.float32).replace("torch.", "")}
+                  "precision": self.engine.precision.name,
+                  "adapter_precision": self.engine.precision.name if dev.type == "cuda" else "fp32"}
         return {
             "model": loaded.describe(),
             "adapters": [{"name": n, **meta} for n, meta in sorted(self.adapter_info.items())],

@@ -23,7 +23,7 @@ def tiny():
 
 @pytest.fixture
 def engine(tiny):
-    return Engine(tiny, EngineConfig(batch_size=8, cache_bytes=64 << 20))
+    return Engine(tiny, EngineConfig(batch_size=8, cache_bytes=64 << 20, precision="fp32"))
 
 
 @pytest.fixture(scope="session")
