@@ -64,8 +64,9 @@ def main() -> None:
         raw_s, served_s = min(raw_times[1:]), min(served_times[1:])  # the first round warms up
     result = {"bench": "server_vs_raw", "model": args.model, "tiles": n, "batch": batch,
               "raw_tiles_per_s": n / raw_s, "server_tiles_per_s": n / served_s, "ratio": raw_s / served_s,
-              "target_ratio": 0.9, "machine": machine()}
-    print(f"server path vs raw encode_image: {args.model}, {n} tiles of {size[0]} px in batches of {batch}")
+              "target_ratio": 0.9, "precision": engine.precision.name, "machine": machine()}
+    print(f"server path vs raw encode_image: {args.model} in {engine.precision.name}, {n} tiles of {size[0]} px "
+          f"in batches of {batch}")
     print(f"  raw encode_image : {result['raw_tiles_per_s']:10.1f} tiles/s")
     print(f"  whole server path: {result['server_tiles_per_s']:10.1f} tiles/s")
     print(f"  ratio            : {result['ratio']:.3f} (target >= 0.9)")

@@ -59,7 +59,7 @@ def test_plain_messages_keep_useful_details():
 
 def test_describe_info():
     d = describe({"protocol": 1, "backend_version": "0.1", "model": {"name": "tiny", "arch": "tiny-vit",
-                  "random_weights": True}, "device": {"type": "cpu", "name": "x86", "precision": "float32"},
+                  "random_weights": True}, "device": {"type": "cpu", "name": "x86", "precision": "fp32"},
                   "adapters": [{"name": "lora1"}]})
     assert d["model"] == "tiny (tiny-vit)" and "random" in d["weights"] and d["adapters"] == "lora1"
     assert d["device"] == "cpu x86 float32" and d["protocol"] == "1"
