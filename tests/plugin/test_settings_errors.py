@@ -62,7 +62,7 @@ def test_describe_info():
                   "random_weights": True}, "device": {"type": "cpu", "name": "x86", "precision": "fp32"},
                   "adapters": [{"name": "lora1"}]})
     assert d["model"] == "tiny (tiny-vit)" and "random" in d["weights"] and d["adapters"] == "lora1"
-    assert d["device"] == "cpu x86 float32" and d["protocol"] == "1"
+    assert d["device"] == "cpu x86 fp32" and d["protocol"] == "1"
 
 
 def test_backend_process_reports_missing_weights_plainly():
