@@ -1,11 +1,12 @@
 """Reading images for the command line, and writing output files atomically."""
 from __future__ import annotations
 
+import contextlib
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import BinaryIO, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -55,21 +56,43 @@ def read_image(path: PathLike) -> Image:
     return Image(str(path), np.ascontiguousarray(data.transpose(1, 2, 0)), transform, crs)
 
 
-def atomic_write(path: PathLike, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path`` then rename it: the file is complete or absent."""
+def _create_sibling(path: Path) -> Tuple[int, Path]:
+    """A new, hidden file beside ``path`` (O_EXCL), with the permissions ``open()`` would give it.
+
+    Not ``tempfile.mkstemp``: its files are 0600, and renamed into place they would stay unreadable to
+    the rest of the group and to other users where the umask allows more.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file beside {path}")
+
+
+@contextlib.contextmanager
+def atomic_file(path: PathLike) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through: written to a temporary sibling, synced, then renamed over
+    ``path``, so that ``path`` is complete or absent (left as it was if the block raises)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    fd, tmp = _create_sibling(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
-    return path
+
+
+def atomic_write(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through :func:`atomic_file`: the file is complete or absent."""
+    with atomic_file(path) as f:
+        f.write(data)
+    return Path(path)

@@ -12,7 +12,6 @@ import importlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
@@ -191,18 +190,11 @@ def make_header(adapted: AdaptedModel, extra: Optional[Dict[str, Any]] = None) -
 
 def save_adapter(path: PathLike, adapted: AdaptedModel, extra: Optional[Dict[str, Any]] = None) -> Path:
     """Write the adapter's tensors and header (atomically: the file is complete or absent)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from ..files import atomic_file
     payload = {"header": make_header(adapted, extra), "tensors": adapted.adapter_state_dict()}
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    with atomic_file(path) as f:
+        torch.save(payload, f)
+    return Path(path)
 
 
 def _read(path: PathLike, mmap: bool = False) -> Dict[str, Any]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,10 +23,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from backend.adapters.base import AdaptedModel, get_method, make_header, save_adapter
+from backend.adapters.base import AdaptedModel, get_method, save_adapter
 from backend.adapters.towers import AdapterError
 from backend.evaluation.retrieval import evaluate_retrieval
 from backend.evaluation.zeroshot import evaluate_zeroshot
+from backend.files import atomic_file
 from backend.tasks.templates import normalize_classname
 
 from .data import CaptionData, ClassData, ImageLoader, augment, batches
@@ -178,9 +178,8 @@ class Trainer:
         payload = {"epoch": epoch, "step": step, "train_config": _jsonable(asdict(self.cfg)),
                    "method_config": model.config.to_dict(), "adapter": model.adapter_state_dict(),
                    "optimizer": opt.state_dict(), "history": _jsonable(self.history)}
-        tmp = self.out / "checkpoint.pt.tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, self.out / "checkpoint.pt")
+        with atomic_file(self.out / "checkpoint.pt") as f:
+            torch.save(payload, f)
 
     def _log_metrics(self, record: Dict[str, Any]) -> None:
         self.history.append(record)
