@@ -26,27 +26,28 @@ from ..models.preprocess import value_scale
 from .windows import mean_over_windows, selo_windows
 
 
-
 def window_embeddings(engine: Engine, canvas: np.ndarray, sizes: Sequence[int], crop_size: Optional[int],
                       adapter: Optional[str], scale: Tuple[float, float], progress: Progress,
                       canvas_key: Optional[str] = None) -> Tuple[np.ndarray, torch.Tensor]:
-    """All SeLo windows of the canvas and their embeddings (cached per canvas, size and settings)."""
+    """All SeLo windows of the canvas and their embeddings, cached per canvas, window size and settings.
+
+    The sizes not in the cache are encoded in one go, so that their windows share the model's batches.
+    """
     h, w = canvas.shape[:2]
     canvas_key = canvas_key or content_key(canvas)
-    boxes, feats = [], []
-    for i, size in enumerate(sizes):
-        key = ("windows", adapter, canvas_key, scale, crop_size, int(size))
-        cached = engine.cache.get(key)
-        if cached is None:
-            b = selo_windows(h, w, int(size))
-            lo, hi = i / len(sizes), (i + 1) / len(sizes)
-            f = engine.encode_windows(canvas, b, crop_size, adapter, scale,
-                                      lambda p, m: progress(lo + (hi - lo) * p * 0.95, m))
-            cached = (b, f)
-            engine.cache.put(key, cached)
-        boxes.append(cached[0])
-        feats.append(cached[1])
-    return np.concatenate(boxes), torch.cat(feats)
+    keys = {int(s): ("windows", adapter, canvas_key, scale, crop_size, int(s)) for s in sizes}
+    found = {s: engine.cache.get(k) for s, k in keys.items()}
+    missing = [s for s, v in found.items() if v is None]
+    if missing:
+        boxes = [selo_windows(h, w, s) for s in missing]
+        feats = engine.encode_windows(canvas, np.concatenate(boxes), crop_size, adapter, scale,
+                                      lambda p, m: progress(0.95 * p, m))
+        for s, b, f in zip(missing, boxes, torch.split(feats, [len(b) for b in boxes])):
+            f = f.clone() if len(missing) > 1 else f  # its own storage, for the cache's byte count
+            found[s] = (b, f)
+            engine.cache.put(keys[s], found[s])
+    return (np.concatenate([found[int(s)][0] for s in sizes]),
+            torch.cat([found[int(s)][1] for s in sizes]))
 
 
 def normalize_minmax(h: np.ndarray) -> np.ndarray:

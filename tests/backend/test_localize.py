@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from backend.engine import Engine, EngineConfig
 from backend.server import Job
 from backend.service import ModelService
 from backend.tasks.localize import localize, normalize_minmax, smooth_heatmap
@@ -98,6 +99,23 @@ def test_second_query_on_the_same_canvas_encodes_only_text(engine, rng, monkeypa
     assert calls == [] and heat.shape == (1, 120, 120)
     localize(engine, canvas[:, ::-1].copy(), {**base, "queries": ["airport"]}, _no_progress)
     assert calls  # other pixels: encoded again
+
+
+def test_only_the_window_sizes_not_cached_are_encoded_and_in_one_go(engine, tiny, rng, monkeypatch):
+    canvas = rng.integers(0, 256, (100, 100, 3), dtype=np.uint8)
+    base = {"crop_size": 32, "smooth": 0, "normalize": False, "queries": ["a river"]}
+    calls = []
+    original = engine.encode_windows
+    monkeypatch.setattr(engine, "encode_windows", lambda c, boxes, *a, **k: calls.append(
+        sorted({int(b[2] - b[0]) for b in boxes})) or original(c, boxes, *a, **k))
+    localize(engine, canvas, {**base, "window_sizes": [32, 64]}, _no_progress)
+    assert calls == [[32, 64]]  # both sizes share one call (and the model's batches)
+    heat, info = localize(engine, canvas, {**base, "window_sizes": [48, 32]}, _no_progress)
+    assert calls == [[32, 64], [48]]  # 32 came from the cache
+    fresh = Engine(tiny, EngineConfig(batch_size=3, precision="fp32"))  # other batches, nothing cached
+    expected, _ = localize(fresh, canvas, {**base, "window_sizes": [32, 48]}, _no_progress)
+    np.testing.assert_allclose(heat, expected, atol=1e-5)
+    assert info["window_sizes"] == [32, 48]
 
 
 def _job(params, canvas):
