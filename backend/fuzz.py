@@ -7,7 +7,7 @@ from typing import List
 
 import numpy as np
 
-from shared_protocol import OPS, Request
+from shared_protocol import Request
 
 KINDS = ("random_bytes", "wrong_frame_count", "lying_shape", "huge_dims", "bad_json", "bad_utf8", "wrong_version",
          "unknown_op", "bad_params", "bad_dtype", "empty_header", "not_object", "deep_json", "bad_types")

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 from qgis.core import (Qgis, QgsApplication, QgsCoordinateTransform, QgsMapLayerProxyModel, QgsTask,
                        QgsMapRendererParallelJob, QgsProject, QgsRectangle)
 from qgis.gui import QgsMapLayerComboBox
-from qgis.PyQt.QtCore import Qt, QTimer
+from qgis.PyQt.QtCore import QTimer
 from qgis.PyQt.QtWidgets import (QComboBox, QDockWidget, QDoubleSpinBox, QFormLayout, QGroupBox, QHBoxLayout,
                                  QLabel, QLineEdit, QPlainTextEdit, QProgressBar, QPushButton, QSpinBox,
                                  QTableWidget, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)

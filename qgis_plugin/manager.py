@@ -1,10 +1,10 @@
 """The backend the plugin talks to: started by the plugin (and stopped when QGIS quits) or a running one."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import List, Optional
 from urllib.parse import urlparse
 
-from .backend_process import FAILED, READY, STARTING, STOPPED, BackendProcess
+from .backend_process import STOPPED, BackendProcess
 from .settings import Settings
 
 

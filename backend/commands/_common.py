@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 from dataclasses import MISSING, fields
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Sequence
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
-import rasterio
 from rasterio.crs import CRS
 from rasterio.features import shapes
 from rasterio.io import MemoryFile

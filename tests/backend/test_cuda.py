@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from backend.engine import Engine, EngineConfig
+from backend.engine import Engine
 from backend.models import load_model
 from backend.models.preprocess import preprocess_batch
 from backend.tasks.classify import classify

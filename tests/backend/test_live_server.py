@@ -142,7 +142,7 @@ def test_cli_errors_are_clear(live_server, tmp_path):
 
 def test_serve_with_a_token_on_all_interfaces():
     port = free_port()
-    with start_server(["--model", "tiny", "--random-weights", "--token", "t0ken"], f"tcp://0.0.0.0:{port}") as srv:
+    with start_server(["--model", "tiny", "--random-weights", "--token", "t0ken"], f"tcp://0.0.0.0:{port}"):
         with Client(f"tcp://127.0.0.1:{port}", token="t0ken", timeout=30) as c:
             assert c.hello()["server"]["auth"] is True
         with Client(f"tcp://127.0.0.1:{port}", token="guess", timeout=30, retries=0) as c:

@@ -1,5 +1,4 @@
 """SeLo: window geometry by hand, the heatmap against a direct per-window computation, cache, GeoTIFF, polygons."""
-import io
 
 import numpy as np
 import open_clip

@@ -1,6 +1,5 @@
 """Presets, QuickGELU, checkpoint layouts, safe loading, clear errors (tiny random models, no downloads)."""
 import json
-import shutil
 
 import open_clip
 import pytest
@@ -38,7 +37,7 @@ def test_quick_gelu_checkpoint_loads_right_only_into_the_quick_gelu_preset(tmp_p
     torch.save(src.model.state_dict(), ckpt)
     right = load_model("tiny-quickgelu", checkpoint=ckpt, device="cpu")
     wrong = load_model("tiny", checkpoint=ckpt, device="cpu")  # same tensors, plain GELU: the pitfall
-    (ri, rt), (si, st), (wi, wt) = _image_feats(right), _image_feats(src), _image_feats(wrong)
+    (ri, rt), (si, st), (wi, _) = _image_feats(right), _image_feats(src), _image_feats(wrong)
     torch.testing.assert_close(ri, si)
     torch.testing.assert_close(rt, st)
     assert right.quick_gelu and not wrong.quick_gelu

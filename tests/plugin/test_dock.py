@@ -6,7 +6,6 @@ import time
 import pytest
 from qgis.core import Qgis, QgsApplication, QgsLayerTreeGroup, QgsRasterLayer
 from qgis.gui import QgsMapCanvas
-from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtWidgets import QMainWindow
 
 

@@ -5,8 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from qgis.core import (QgsCoordinateReferenceSystem, QgsLayerTreeGroup, QgsPointXY, QgsRasterLayer,
-                       QgsRectangle)
+from qgis.core import (QgsCoordinateReferenceSystem, QgsLayerTreeGroup, QgsPointXY, QgsRectangle)
 
 from qgis_plugin import capture as C
 from qgis_plugin.layers import GROUP_PREFIX, add_group, classification_layer, heatmap_layer, ranking_layer

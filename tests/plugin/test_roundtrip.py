@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 from osgeo import gdal
-from qgis.core import QgsCoordinateReferenceSystem, QgsLayerTreeGroup, QgsRasterLayer, QgsVectorLayer
+from qgis.core import QgsCoordinateReferenceSystem, QgsLayerTreeGroup, QgsRasterLayer
 
 from shared_protocol import ErrorCode
 

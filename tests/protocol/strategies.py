@@ -7,7 +7,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from shared_protocol.framing import ALLOWED_DTYPES
-from shared_protocol.schema import ArraySpec, OpSpec, Param
+from shared_protocol.schema import OpSpec, Param
 
 TEXT = st.text(alphabet=string.ascii_letters + " _/-éß日", min_size=1, max_size=20).filter(lambda s: s.strip())
 

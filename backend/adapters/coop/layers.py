@@ -1,7 +1,7 @@
 """Prompt construction shared by the prompt learners (CoOp, GDPL)."""
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn

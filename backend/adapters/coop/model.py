@@ -1,7 +1,7 @@
 """CoOp on an open_clip CLIP: a learned context shared by all classes; the encoders stay frozen."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F

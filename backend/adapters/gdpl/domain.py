@@ -6,7 +6,7 @@ for the base model; they are un-normalised, resized and normalised for the domai
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F

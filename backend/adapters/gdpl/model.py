@@ -10,7 +10,7 @@ coupled low-rank update. ``depth`` values are capped at the encoders' depth (9 i
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F

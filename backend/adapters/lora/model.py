@@ -4,10 +4,9 @@ from __future__ import annotations
 import copy
 import itertools
 import re
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import peft
-import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
 from open_clip.transformer import VisionTransformer

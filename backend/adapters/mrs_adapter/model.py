@@ -6,7 +6,7 @@ model's modules are not patched, so the base keeps serving unchanged.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Optional
 
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock
