@@ -6,8 +6,10 @@
 4. Each pixel = mean score of the windows covering it (exact, see ``windows.mean_over_windows``).
 5. Min-max normalised to [0, 1], then a median filter of ``smooth`` pixels.
 
-The median filter runs on a block-averaged copy so that its kernel is about ``SMOOTH_WORK_KERNEL`` cells
-(a 251-px median at full resolution would cost minutes on a large canvas), and is resized back bilinearly.
+The median filter runs on block means so that its kernel is about ``SMOOTH_WORK_KERNEL`` blocks (a
+251-px median at full resolution would cost minutes on a large canvas), and is resized back bilinearly.
+All of it is computed from the exact per-pixel means on the cells of the window-edge grid, not from
+pixels: a repeat query on a large canvas costs little more than making the final map.
 Window embeddings are cached by canvas content, so a second query on the same canvas only encodes text.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from shared_protocol.ops import SMOOTH_WORK_KERNEL
 from ..cache import content_key
 from ..engine import Engine, Progress
 from ..models.preprocess import value_scale
-from .windows import mean_over_windows, selo_windows
+from .windows import cell_index, cell_means, selo_windows
 
 
 def window_embeddings(engine: Engine, canvas: np.ndarray, sizes: Sequence[int], crop_size: Optional[int],
@@ -51,6 +53,7 @@ def window_embeddings(engine: Engine, canvas: np.ndarray, sizes: Sequence[int], 
 
 
 def normalize_minmax(h: np.ndarray) -> np.ndarray:
+    """(h - min) / (max - min) as float32; all zeros for a constant map."""
     lo, hi = float(h.min()), float(h.max())
     if hi - lo <= 1e-12:
         return np.zeros_like(h, dtype=np.float32)
@@ -62,38 +65,75 @@ def smooth_block(kernel: int) -> int:
     return max(1, kernel // SMOOTH_WORK_KERNEL)
 
 
-def smooth_heatmap(h: np.ndarray, kernel: int) -> np.ndarray:
-    """Median filter of ``kernel`` pixels (odd), computed on a block-averaged copy when the kernel is large.
+def block_kernel(kernel: int) -> int:
+    """The median's size in blocks (odd) for a ``kernel``-px median."""
+    return max(1, round(kernel / smooth_block(kernel))) | 1
 
-    Blocks are aligned to the canvas origin (the edge is padded by replication), so two canvases whose
-    origins differ by a multiple of the block smooth their common pixels alike.
+
+def median_filter(x: torch.Tensor, size: int, max_elements: int = 1 << 25) -> torch.Tensor:
+    """``size`` x ``size`` median (``size`` odd) of each Q x H x W plane, edges replicated, on x's device.
+
+    Equals ``scipy.ndimage.median_filter(mode="nearest")``; rows are done in chunks of bounded memory.
     """
-    if kernel <= 1:
-        return h
-    from scipy import ndimage
-    factor = smooth_block(kernel)
-    if factor == 1:
-        return ndimage.median_filter(h, size=kernel, mode="nearest").astype(np.float32)
-    height, width = h.shape
-    t = torch.from_numpy(np.ascontiguousarray(h, dtype=np.float32))[None, None]
-    t = F.pad(t, (0, (-width) % factor, 0, (-height) % factor), mode="replicate")
-    small = F.avg_pool2d(t, factor)[0, 0].numpy()
-    small = ndimage.median_filter(small, size=max(1, round(kernel / factor)) | 1, mode="nearest")
-    up = F.interpolate(torch.from_numpy(small)[None, None], scale_factor=factor, mode="bilinear",
-                       align_corners=False)
-    return up[0, 0, :height, :width].numpy().astype(np.float32)
+    if size <= 1:
+        return x
+    r = size // 2
+    padded = F.pad(x[:, None], (r, r, r, r), mode="replicate")[:, 0]
+    q, h, w = x.shape
+    rows = max(1, max_elements // max(1, q * w * size * size))
+    out = torch.empty_like(x)
+    for y in range(0, h, rows):
+        part = padded[:, y:y + min(rows, h - y) + 2 * r].unfold(1, size, 1).unfold(2, size, 1)
+        out[:, y:y + part.shape[1]] = part.reshape(*part.shape[:3], -1).median(dim=-1).values
+    return out
 
 
-def score_heatmaps(boxes: np.ndarray, window_feats: torch.Tensor, text_feats: torch.Tensor, height: int,
-                   width: int) -> np.ndarray:
-    """Raw SeLo score maps (Q x H x W): mean cosine of the windows covering each pixel."""
-    scores = (window_feats @ text_feats.T).float().cpu().numpy()  # windows x queries
-    return mean_over_windows(boxes, scores, height, width)
+def _block_overlap(edges: np.ndarray, size: int, block: int) -> np.ndarray:
+    """(blocks x cells) share of each block of ``block`` px covered by each cell between ``edges``.
+
+    The map is padded to a multiple of ``block`` by repeating its last row (column): the last cell reaches
+    over the padding.
+    """
+    padded = size + (-size) % block
+    e = edges.astype(np.float64)
+    e[-1] = padded
+    b = np.arange(0, padded + 1, block, dtype=np.float64)
+    lo = np.maximum(b[:-1, None], e[None, :-1])
+    hi = np.minimum(b[1:, None], e[None, 1:])
+    return np.clip(hi - lo, 0, None) / block
+
+
+def render(cells: np.ndarray, ys: np.ndarray, xs: np.ndarray, height: int, width: int, kernel: int,
+           device: torch.device) -> np.ndarray:
+    """Q x H x W float32 pixels of a map given on cells (``windows.cell_means``), median-smoothed.
+
+    A ``kernel`` of ``SMOOTH_WORK_KERNEL`` px or more is applied to block means (``smooth_block`` px, blocks
+    aligned to the canvas origin, computed from the cells without going through pixels), and the result is
+    resized back bilinearly; block means, median and resize run on ``device``. Smaller kernels are exact
+    medians over pixels.
+    """
+    rows, cols = cell_index(ys, height), cell_index(xs, width)
+    block = smooth_block(kernel)
+    if kernel <= 1 or block == 1:
+        pixels = cells[:, rows][:, :, cols]
+        if kernel <= 1:
+            return pixels
+        return median_filter(torch.from_numpy(pixels), kernel).numpy()
+    ay, ax = _block_overlap(ys, height, block), _block_overlap(xs, width, block)
+    small = np.einsum("by,qyx,cx->qbc", ay, cells.astype(np.float64), ax, optimize=True).astype(np.float32)
+    small = median_filter(torch.from_numpy(small).to(device), block_kernel(kernel))
+    up = F.interpolate(small[:, None], scale_factor=block, mode="bilinear", align_corners=False)[:, 0]
+    return up[:, :height, :width].float().cpu().numpy()
 
 
 def localize(engine: Engine, canvas: np.ndarray, params: Dict[str, Any], progress: Progress,
              canvas_key: Optional[str] = None) -> Tuple[np.ndarray, Dict[str, Any]]:
-    """Heatmaps (Q x H x W float32) and per-query statistics."""
+    """Heatmaps (Q x H x W float32) and per-query statistics.
+
+    Everything after the window scores is computed on the cells of the window-edge grid (exact per-pixel
+    means, their range and mean, the normalisation, the smoothing's block means): only the final map is
+    made at full resolution.
+    """
     h, w = canvas.shape[:2]
     adapter = params.get("adapter")
     scale = value_scale(canvas[None], params.get("value_range"))
@@ -101,13 +141,15 @@ def localize(engine: Engine, canvas: np.ndarray, params: Dict[str, Any], progres
     boxes, feats = window_embeddings(engine, canvas, sizes, params.get("crop_size"), adapter, scale, progress,
                                      canvas_key)
     texts = engine.encode_texts(params["queries"], adapter)
-    raw = score_heatmaps(boxes, feats, texts, h, w)
+    scores = (feats @ texts.T).float().cpu().numpy()  # windows x queries
+    cells, ys, xs = cell_means(boxes, scores, h, w)
+    area = np.outer(np.diff(ys), np.diff(xs)).astype(np.float64)
     stats: List[Dict[str, Any]] = []
-    out = np.empty_like(raw)
-    for q in range(raw.shape[0]):
-        stats.append({"query": params["queries"][q], "score_min": float(raw[q].min()),
-                      "score_max": float(raw[q].max()), "score_mean": float(raw[q].mean())})
-        hm = normalize_minmax(raw[q]) if params.get("normalize", True) else raw[q]
-        out[q] = smooth_heatmap(hm, int(params.get("smooth", 0)))
+    for q in range(cells.shape[0]):
+        stats.append({"query": params["queries"][q], "score_min": float(cells[q].min()),
+                      "score_max": float(cells[q].max()), "score_mean": float((cells[q] * area).sum() / (h * w))})
+        if params.get("normalize", True):
+            cells[q] = normalize_minmax(cells[q])
+    out = render(cells, ys, xs, h, w, int(params.get("smooth", 0)), engine.device)
     progress(1.0, "heatmaps ready")
     return out, {"windows": int(len(boxes)), "window_sizes": sizes, "queries": stats}

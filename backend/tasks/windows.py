@@ -45,12 +45,13 @@ def grid_cells(height: int, width: int, tile: int, stride: int) -> Tuple[np.ndar
     return np.array(cells, dtype=np.int64).reshape(-1, 4), np.array(windows, dtype=np.int64).reshape(-1, 4)
 
 
-def mean_over_windows(boxes: np.ndarray, scores: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Each pixel = mean score of the windows covering it, for Q score columns -> Q x H x W float32.
+def cell_means(boxes: np.ndarray, scores: np.ndarray, height: int, width: int
+               ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The mean score of the windows covering each pixel, for Q score columns, on the grid of window edges.
 
-    Computed exactly on the coarse grid of window edges (a 2-D difference array on the cells between
-    consecutive edges), then expanded to pixels: O(cells + H*W) instead of O(windows * window area).
-    Pixels no window covers get 0.
+    Every pixel of a cell between consecutive edges (``ys`` x ``xs``, from 0 to the canvas size) is covered
+    by the same windows, so the per-pixel mean is exact on the cells: (Q x Ny x Nx float32, ys, xs), by a
+    2-D difference array, O(windows + cells). Cells no window covers get 0.
     """
     scores = np.asarray(scores, dtype=np.float64).reshape(len(boxes), -1)
     xs = np.unique(np.concatenate([boxes[:, [0, 2]].ravel(), [0, width]]))
@@ -64,8 +65,16 @@ def mean_over_windows(boxes: np.ndarray, scores: np.ndarray, height: int, width:
         np.add.at(diff, (slice(None), yy, xx), sign * values)
     sums = diff.cumsum(axis=1).cumsum(axis=2)[:, :-1, :-1]
     counts = sums[-1]
-    cell_mean = np.divide(sums[:-1], counts, out=np.zeros_like(sums[:-1]), where=counts > 0).astype(np.float32)
-    row_cell = np.searchsorted(ys, np.arange(height), side="right") - 1
-    col_cell = np.searchsorted(xs, np.arange(width), side="right") - 1
-    return cell_mean[:, row_cell][:, :, col_cell]
+    means = np.divide(sums[:-1], counts, out=np.zeros_like(sums[:-1]), where=counts > 0).astype(np.float32)
+    return means, ys, xs
 
+
+def cell_index(edges: np.ndarray, size: int) -> np.ndarray:
+    """For each pixel row (or column) 0 .. size - 1, the cell between ``edges`` it falls in."""
+    return np.searchsorted(edges, np.arange(size), side="right") - 1
+
+
+def mean_over_windows(boxes: np.ndarray, scores: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Each pixel = mean score of the windows covering it, for Q score columns -> Q x H x W float32."""
+    means, ys, xs = cell_means(boxes, scores, height, width)
+    return means[:, cell_index(ys, height)][:, :, cell_index(xs, width)]

@@ -11,8 +11,8 @@ from PIL import Image
 from backend.engine import Engine, EngineConfig
 from backend.server import Job
 from backend.service import ModelService
-from backend.tasks.localize import localize, normalize_minmax, smooth_heatmap
-from backend.tasks.windows import mean_over_windows, selo_windows
+from backend.tasks.localize import block_kernel, localize, median_filter, normalize_minmax, render, smooth_block
+from backend.tasks.windows import cell_means, mean_over_windows, selo_windows
 from shared_protocol import ErrorCode, ProtocolError, Request
 
 
@@ -72,6 +72,10 @@ def test_heatmap_equals_the_direct_per_window_computation(engine, tiny, rng):
     assert np.corrcoef(heat[0].ravel(), direct.ravel())[0, 1] > 0.999
 
 
+def _pixels_as_cells(h: np.ndarray):
+    return h[None].astype(np.float32), np.arange(h.shape[0] + 1), np.arange(h.shape[1] + 1)
+
+
 def test_normalise_and_smooth():
     h = np.arange(12, dtype=np.float32).reshape(3, 4)
     n = normalize_minmax(h)
@@ -80,11 +84,47 @@ def test_normalise_and_smooth():
     spike = np.zeros((200, 200), np.float32)
     spike[100, 100] = 1
     spike[20:180, 20:180] += 0.5
-    out = smooth_heatmap(spike, 31)  # median removes an isolated spike, keeps the block
-    assert out.shape == spike.shape and out[100, 100] == pytest.approx(0.5, abs=0.01)
-    assert out[5, 5] == pytest.approx(0.0, abs=0.01)
-    big = smooth_heatmap(spike, 251)  # block-averaged path
-    assert big.shape == spike.shape and np.isfinite(big).all()
+    out = render(*_pixels_as_cells(spike), 200, 200, 29, torch.device("cpu"))[0]  # median over pixels
+    assert out.shape == spike.shape and out[100, 100] == 0.5 and out[5, 5] == 0.0  # spike gone, block kept
+    big = render(*_pixels_as_cells(spike), 200, 200, 251, torch.device("cpu"))[0]  # on 16-px block means
+    assert big.shape == spike.shape and np.isfinite(big).all() and big[100, 100] < 0.6
+
+
+@pytest.mark.parametrize("size", [1, 3, 15])
+def test_median_filter_equals_scipy(rng, size):
+    from scipy import ndimage
+    x = rng.random((2, 37, 53)).astype(np.float32)
+    got = median_filter(torch.from_numpy(x), size, max_elements=5000).numpy()  # small chunks of rows
+    for q in range(2):
+        np.testing.assert_array_equal(got[q], ndimage.median_filter(x[q], size=size, mode="nearest"))
+
+
+def _smooth_pixels(h: np.ndarray, kernel: int) -> np.ndarray:
+    """The smoothing written over pixels: replicate-pad to whole blocks, block means, median, bilinear."""
+    from scipy import ndimage
+    if kernel <= 1:
+        return h
+    block = smooth_block(kernel)
+    if block == 1:
+        return ndimage.median_filter(h, size=kernel, mode="nearest")
+    height, width = h.shape
+    t = F.pad(torch.from_numpy(h)[None, None], (0, (-width) % block, 0, (-height) % block), mode="replicate")
+    small = ndimage.median_filter(F.avg_pool2d(t, block)[0, 0].numpy(), size=block_kernel(kernel), mode="nearest")
+    up = F.interpolate(torch.from_numpy(small)[None, None], scale_factor=block, mode="bilinear", align_corners=False)
+    return up[0, 0, :height, :width].numpy()
+
+
+@pytest.mark.parametrize("kernel", [0, 9, 45, 251])
+def test_rendering_from_cells_equals_smoothing_the_pixels(rng, kernel):
+    h, w = 203, 317  # not multiples of the blocks: the padding is exercised
+    boxes = np.concatenate([selo_windows(h, w, 40), selo_windows(h, w, 96)])
+    scores = rng.random((len(boxes), 2))
+    cells, ys, xs = cell_means(boxes, scores, h, w)
+    got = render(cells, ys, xs, h, w, kernel, torch.device("cpu"))
+    pixels = mean_over_windows(boxes, scores, h, w)
+    assert got.shape == (2, h, w) and got.dtype == np.float32
+    for q in range(2):
+        np.testing.assert_allclose(got[q], _smooth_pixels(pixels[q], kernel), atol=1e-5)
 
 
 def test_second_query_on_the_same_canvas_encodes_only_text(engine, rng, monkeypatch):
