@@ -121,8 +121,9 @@ class ModelService(Service):
         return run
 
     def _localize(self, job: Job) -> Reply:
-        params, canvas = job.request.params, job.request.arrays["canvas"]
-        h, w = canvas.shape[:2]
+        params = job.request.params
+        canvas = localize_task.resolve_canvas(self.engine, job.request.arrays.get("canvas"), params)
+        h, w = canvas.height, canvas.width
         out_bytes = len(params["queries"]) * h * w * 4
         if out_bytes > self.limits.max_array_bytes:
             raise ProtocolError(ErrorCode.TOO_LARGE, f"{len(params['queries'])} heatmaps of {h} x {w} need "

@@ -44,6 +44,10 @@ def _six(value) -> Optional[str]:
     return None
 
 
+def _canvas_id(value) -> Optional[str]:
+    return None if all(c in "0123456789abcdef" for c in value) and value else "must be a canvas_id a reply gave"
+
+
 def _odd_or_zero(value) -> Optional[str]:
     return None if value == 0 or value % 2 == 1 else "must be 0 (off) or odd"
 
@@ -120,9 +124,14 @@ LOCALIZE = OpSpec(
         Param("geotiff", "bool", default=False, doc="also return each heatmap as GeoTIFF bytes"),
         Param("polygons", "bool", default=False, doc="also return regions above threshold as GeoJSON"),
         Param("threshold", "float", default=0.5, min=0.0, max=1.0, doc="polygon threshold on the heatmap"),
+        Param("canvas_id", "str", nullable=True, max_len=128, check=_canvas_id,
+              doc="a canvas_id from an earlier localize reply: that canvas again, without sending it (the "
+                  "'canvas' array may then be left out); not_found with reason 'canvas_unknown' when the "
+                  "server no longer holds it"),
         VALUE_RANGE, ADAPTER,
     ),
-    arrays=(ArraySpec("canvas", IMAGE_DTYPES, (3,)),),
+    arrays=(ArraySpec("canvas", IMAGE_DTYPES, (3,), required=False,
+                      doc="H x W x C; may be left out when canvas_id names a canvas the server holds"),),
     long_running=True,
 )
 

@@ -14,35 +14,72 @@ Window embeddings are cached by canvas content, so a second query on the same ca
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from shared_protocol import ErrorCode, ProtocolError
 from shared_protocol.ops import SMOOTH_WORK_KERNEL
 
 from ..cache import content_key
 from ..engine import Engine, Progress
 from ..models.preprocess import value_scale
-from .windows import cell_index, cell_means, selo_windows
+from .windows import cell_means, cells_to_pixels, selo_windows
 
 
-def window_embeddings(engine: Engine, canvas: np.ndarray, sizes: Sequence[int], crop_size: Optional[int],
-                      adapter: Optional[str], scale: Tuple[float, float], progress: Progress,
-                      canvas_key: Optional[str] = None) -> Tuple[np.ndarray, torch.Tensor]:
+@dataclass(frozen=True)
+class CanvasRef:
+    """A localize request's canvas: its id (content key), size and value scale, and its pixels unless the
+    request named a canvas the server holds (``canvas_id``) instead of sending it."""
+    key: str
+    height: int
+    width: int
+    scale: Tuple[float, float]
+    pixels: Optional[np.ndarray] = None
+
+
+def canvas_unknown(key: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.NOT_FOUND, f"the backend no longer holds canvas {key}: send the canvas again",
+                         {"reason": "canvas_unknown", "canvas_id": key})
+
+
+def resolve_canvas(engine: Engine, canvas: Optional[np.ndarray], params: Dict[str, Any]) -> CanvasRef:
+    """The request's canvas: the array sent, or the one its ``canvas_id`` names (remembered in the cache)."""
+    value_range = params.get("value_range")
+    held_key = ("canvas", tuple(value_range) if value_range else None)
+    if canvas is not None:
+        ref = CanvasRef(content_key(canvas), canvas.shape[0], canvas.shape[1],
+                        value_scale(canvas[None], value_range), canvas)
+        engine.cache.put(held_key + (ref.key,), (ref.height, ref.width, ref.scale))
+        return ref
+    key = params.get("canvas_id")
+    if key is None:
+        raise ProtocolError(ErrorCode.BAD_PARAMS, "localize needs a 'canvas' array or a 'canvas_id'",
+                            {"param": "canvas_id"})
+    held = engine.cache.get(held_key + (key,))
+    if held is None:
+        raise canvas_unknown(key)
+    return CanvasRef(key, *held)
+
+
+def window_embeddings(engine: Engine, canvas: CanvasRef, sizes: Sequence[int], crop_size: Optional[int],
+                      adapter: Optional[str], progress: Progress) -> Tuple[np.ndarray, torch.Tensor]:
     """All SeLo windows of the canvas and their embeddings, cached per canvas, window size and settings.
 
     The sizes not in the cache are encoded in one go, so that their windows share the model's batches.
     """
-    h, w = canvas.shape[:2]
-    canvas_key = canvas_key or content_key(canvas)
-    keys = {int(s): ("windows", adapter, canvas_key, scale, crop_size, int(s)) for s in sizes}
+    h, w = canvas.height, canvas.width
+    keys = {int(s): ("windows", adapter, canvas.key, canvas.scale, crop_size, int(s)) for s in sizes}
     found = {s: engine.cache.get(k) for s, k in keys.items()}
     missing = [s for s, v in found.items() if v is None]
     if missing:
+        if canvas.pixels is None:  # named by id, and these windows were never encoded or were evicted
+            raise canvas_unknown(canvas.key)
         boxes = [selo_windows(h, w, s) for s in missing]
-        feats = engine.encode_windows(canvas, np.concatenate(boxes), crop_size, adapter, scale,
+        feats = engine.encode_windows(canvas.pixels, np.concatenate(boxes), crop_size, adapter, canvas.scale,
                                       lambda p, m: progress(0.95 * p, m))
         for s, b, f in zip(missing, boxes, torch.split(feats, [len(b) for b in boxes])):
             f = f.clone() if len(missing) > 1 else f  # its own storage, for the cache's byte count
@@ -112,10 +149,9 @@ def render(cells: np.ndarray, ys: np.ndarray, xs: np.ndarray, height: int, width
     resized back bilinearly; block means, median and resize run on ``device``. Smaller kernels are exact
     medians over pixels.
     """
-    rows, cols = cell_index(ys, height), cell_index(xs, width)
     block = smooth_block(kernel)
     if kernel <= 1 or block == 1:
-        pixels = cells[:, rows][:, :, cols]
+        pixels = cells_to_pixels(cells, ys, xs, height, width)
         if kernel <= 1:
             return pixels
         return median_filter(torch.from_numpy(pixels), kernel).numpy()
@@ -123,23 +159,23 @@ def render(cells: np.ndarray, ys: np.ndarray, xs: np.ndarray, height: int, width
     small = np.einsum("by,qyx,cx->qbc", ay, cells.astype(np.float64), ax, optimize=True).astype(np.float32)
     small = median_filter(torch.from_numpy(small).to(device), block_kernel(kernel))
     up = F.interpolate(small[:, None], scale_factor=block, mode="bilinear", align_corners=False)[:, 0]
-    return up[:, :height, :width].float().cpu().numpy()
+    return up[:, :height, :width].contiguous().cpu().numpy()  # (cropped: contiguous before the copy out)
 
 
-def localize(engine: Engine, canvas: np.ndarray, params: Dict[str, Any], progress: Progress,
-             canvas_key: Optional[str] = None) -> Tuple[np.ndarray, Dict[str, Any]]:
-    """Heatmaps (Q x H x W float32) and per-query statistics.
+def localize(engine: Engine, canvas: Union[np.ndarray, CanvasRef, None], params: Dict[str, Any],
+             progress: Progress) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """Heatmaps (Q x H x W float32) and per-query statistics, with the canvas's ``canvas_id``.
 
+    ``canvas`` is the H x W x C array, or None with ``params["canvas_id"]`` naming a canvas sent before.
     Everything after the window scores is computed on the cells of the window-edge grid (exact per-pixel
     means, their range and mean, the normalisation, the smoothing's block means): only the final map is
     made at full resolution.
     """
-    h, w = canvas.shape[:2]
+    ref = canvas if isinstance(canvas, CanvasRef) else resolve_canvas(engine, canvas, params)
+    h, w = ref.height, ref.width
     adapter = params.get("adapter")
-    scale = value_scale(canvas[None], params.get("value_range"))
     sizes = sorted(set(int(s) for s in params["window_sizes"]))
-    boxes, feats = window_embeddings(engine, canvas, sizes, params.get("crop_size"), adapter, scale, progress,
-                                     canvas_key)
+    boxes, feats = window_embeddings(engine, ref, sizes, params.get("crop_size"), adapter, progress)
     texts = engine.encode_texts(params["queries"], adapter)
     scores = (feats @ texts.T).float().cpu().numpy()  # windows x queries
     cells, ys, xs = cell_means(boxes, scores, h, w)
@@ -152,4 +188,4 @@ def localize(engine: Engine, canvas: np.ndarray, params: Dict[str, Any], progres
             cells[q] = normalize_minmax(cells[q])
     out = render(cells, ys, xs, h, w, int(params.get("smooth", 0)), engine.device)
     progress(1.0, "heatmaps ready")
-    return out, {"windows": int(len(boxes)), "window_sizes": sizes, "queries": stats}
+    return out, {"windows": int(len(boxes)), "window_sizes": sizes, "queries": stats, "canvas_id": ref.key}

@@ -74,7 +74,11 @@ def cell_index(edges: np.ndarray, size: int) -> np.ndarray:
     return np.searchsorted(edges, np.arange(size), side="right") - 1
 
 
+def cells_to_pixels(cells: np.ndarray, ys: np.ndarray, xs: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Q x Ny x Nx cell values -> Q x H x W pixels (C-contiguous: columns first, then whole rows)."""
+    return np.take(np.take(cells, cell_index(xs, width), axis=2), cell_index(ys, height), axis=1)
+
+
 def mean_over_windows(boxes: np.ndarray, scores: np.ndarray, height: int, width: int) -> np.ndarray:
     """Each pixel = mean score of the windows covering it, for Q score columns -> Q x H x W float32."""
-    means, ys, xs = cell_means(boxes, scores, height, width)
-    return means[:, cell_index(ys, height)][:, :, cell_index(xs, width)]
+    return cells_to_pixels(*cell_means(boxes, scores, height, width), height, width)

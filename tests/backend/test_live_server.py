@@ -82,6 +82,20 @@ def test_oversized_arrays_are_refused_by_the_server_and_by_a_client_that_said_he
         assert fresh._socket is None
 
 
+def test_a_second_query_on_the_same_canvas_sends_only_its_id(client, rng, monkeypatch):
+    canvas = rng.integers(0, 256, (200, 240, 3), dtype=np.uint8)
+    sent = []
+    request = client.request
+    monkeypatch.setattr(client, "request", lambda op, params=None, arrays=None, **kw: sent.append(
+        (params.get("canvas_id"), sorted(arrays or {}))) or request(op, params, arrays, **kw))
+    first = client.localize(canvas, ["a river"], window_sizes=[64, 128], smooth=0)
+    second = client.localize(canvas.copy(), ["a river"], window_sizes=[64, 128], smooth=0)
+    assert sent == [(None, ["canvas"]), (first.result["canvas_id"], [])]
+    np.testing.assert_array_equal(second.arrays["heatmaps"], first.arrays["heatmaps"])
+    client.localize(canvas, ["a river"], window_sizes=[96], smooth=0)  # windows it never made: sent again
+    assert sent[2:] == [(first.result["canvas_id"], []), (None, ["canvas"])]
+
+
 def test_cli_ping(live_server):
     out = run_cli("ping", "--connect", live_server.address, "--json")
     assert out.returncode == 0, out.stderr

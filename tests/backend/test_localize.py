@@ -122,7 +122,7 @@ def test_rendering_from_cells_equals_smoothing_the_pixels(rng, kernel):
     cells, ys, xs = cell_means(boxes, scores, h, w)
     got = render(cells, ys, xs, h, w, kernel, torch.device("cpu"))
     pixels = mean_over_windows(boxes, scores, h, w)
-    assert got.shape == (2, h, w) and got.dtype == np.float32
+    assert got.shape == (2, h, w) and got.dtype == np.float32 and got.flags.c_contiguous  # sent without a copy
     for q in range(2):
         np.testing.assert_allclose(got[q], _smooth_pixels(pixels[q], kernel), atol=1e-5)
 
@@ -160,9 +160,37 @@ def test_only_the_window_sizes_not_cached_are_encoded_and_in_one_go(engine, tiny
 def _job(params, canvas):
     req = Request("localize", "r1", {"window_sizes": [32, 64], "crop_size": 32, "smooth": 0, "normalize": True,
                                      "geotiff": False, "polygons": False, "threshold": 0.5, "transform": None,
-                                     "crs": None, "value_range": None, "adapter": None, **params},
-                  {"canvas": canvas})
+                                     "crs": None, "value_range": None, "adapter": None, "canvas_id": None,
+                                     **params},
+                  {"canvas": canvas} if canvas is not None else {})
     return Job(req, b"peer", lambda peer, reply: None)
+
+
+def test_a_canvas_held_by_the_server_is_named_by_its_id(engine, rng):
+    service = ModelService(engine)
+    canvas = (rng.integers(0, 4000, (90, 120, 3))).astype(np.uint16)  # uint16: the scale is remembered too
+    first = service.handle(_job({"queries": ["a river"], "smooth": 9}, canvas))
+    cid = first.result["canvas_id"]
+    again = service.handle(_job({"queries": ["a river"], "smooth": 9, "canvas_id": cid}, None))
+    np.testing.assert_array_equal(again.arrays["heatmaps"], first.arrays["heatmaps"])
+    assert again.result["canvas_id"] == cid and again.result["queries"] == first.result["queries"]
+    other = service.handle(_job({"queries": ["farmland"], "canvas_id": cid}, None))  # a new query: text only
+    assert other.arrays["heatmaps"].shape == (1, 90, 120)
+    for params in ({"window_sizes": [48]},  # windows never encoded for this canvas
+                   {"value_range": [0, 4000]},  # another scaling of the pixels
+                   {"adapter": None, "crop_size": 64},
+                   {"canvas_id": "ffff"}):  # never seen
+        with pytest.raises(ProtocolError) as e:
+            service.handle(_job({"queries": ["x"], "canvas_id": cid, **params}, None))
+        assert e.value.code == ErrorCode.NOT_FOUND and e.value.details["reason"] == "canvas_unknown"
+    with pytest.raises(ProtocolError) as e:
+        service.handle(_job({"queries": ["x"]}, None))
+    assert e.value.code == ErrorCode.BAD_PARAMS and "canvas" in e.value.message
+    engine.cache.clear()  # evicted: the id is refused, the canvas itself still works
+    with pytest.raises(ProtocolError) as e:
+        service.handle(_job({"queries": ["x"], "canvas_id": cid}, None))
+    assert e.value.details["reason"] == "canvas_unknown"
+    assert service.handle(_job({"queries": ["x"], "canvas_id": cid}, canvas)).result["canvas_id"] == cid
 
 
 def test_geotiff_and_polygons_are_georeferenced(engine, rng):

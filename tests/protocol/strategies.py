@@ -39,6 +39,7 @@ SPECIAL = {
     "smooth": st.sampled_from([0, 1, 3, 251]),
     "queries": st.lists(TEXT, min_size=1, max_size=4),
     "target": st.text(alphabet=string.hexdigits, min_size=1, max_size=32),
+    "canvas_id": st.text(alphabet="0123456789abcdef", min_size=1, max_size=64),
     "protocol": st.just(1),
 }
 

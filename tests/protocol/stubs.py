@@ -44,3 +44,34 @@ def running_server(bind: str, service: Service = None, **config):
         server.stop()
         thread.join(10)
         ctx.term()
+
+
+class CanvasService(Service):
+    """localize with canvas ids, torch-free: heatmap = the canvas's first channel; ``forget()`` drops all."""
+
+    def __init__(self):
+        self.held = {}
+        self.sent = []  # per request: whether the canvas came with it
+
+    def info(self):
+        return {"model": {"name": "stub"}, "device": {"type": "none"}, "adapters": []}
+
+    def forget(self):
+        self.held.clear()
+
+    def handle(self, job: Job) -> Reply:
+        import hashlib
+
+        from shared_protocol import ErrorCode, ProtocolError
+        canvas, params = job.request.arrays.get("canvas"), job.request.params
+        self.sent.append(canvas is not None)
+        if canvas is None:
+            key = params["canvas_id"]
+            if key not in self.held:
+                raise ProtocolError(ErrorCode.NOT_FOUND, "gone", {"reason": "canvas_unknown", "canvas_id": key})
+            canvas = self.held[key]
+        else:
+            key = hashlib.md5(canvas.tobytes()).hexdigest()
+            self.held[key] = canvas.copy()
+        return Reply.ok(job.request.id, "localize", {"canvas_id": key},
+                        {"heatmaps": canvas[None, :, :, 0].astype("float32")})

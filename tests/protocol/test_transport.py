@@ -183,3 +183,48 @@ def test_shutdown_stops_the_server(addr):
         while not server._stop.is_set() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert server._stop.is_set()
+
+
+def test_a_canvas_is_sent_once_then_named_by_its_id(addr):
+    from shared_protocol.client import CANVAS_IDS
+    from stubs import CanvasService
+    service = CanvasService()
+    canvas = np.arange(20 * 30 * 3, dtype=np.uint8).reshape(20, 30, 3)
+    other = canvas[::-1].copy()
+    with running_server(addr, service), Client(addr, timeout=5) as c:
+        first = c.localize(canvas, ["q"])
+        assert service.sent == [True]
+        with Client(addr, timeout=5) as c2:  # another client (a plugin task) in the same process
+            again = c2.localize(canvas.copy(), ["q2"])
+        assert service.sent == [True, False]  # only the id went
+        assert again.result["canvas_id"] == first.result["canvas_id"]
+        np.testing.assert_array_equal(again.arrays["heatmaps"], first.arrays["heatmaps"])
+        c.localize(other, ["q"])
+        assert service.sent[-1] is True  # other pixels: sent
+        service.forget()  # e.g. evicted from the server's cache, or a restarted server
+        reply = c.localize(canvas, ["q"])
+        assert service.sent[-2:] == [False, True]  # the id was refused, so the canvas went again
+        np.testing.assert_array_equal(reply.arrays["heatmaps"][0], canvas[:, :, 0])
+        with Client(addr, timeout=5, reuse_canvas=False) as c3:
+            c3.localize(canvas, ["q"])
+        assert service.sent[-1] is True
+        with pytest.raises(ProtocolError) as e:  # naming an unknown canvas explicitly: the typed error
+            c.localize(None, ["q"], canvas_id="0123abcd")
+        assert e.value.code == ErrorCode.NOT_FOUND and e.value.details["reason"] == "canvas_unknown"
+    assert CANVAS_IDS.get(addr, CANVAS_IDS.digest(canvas)) == first.result["canvas_id"]
+
+
+def test_canvas_id_memory_is_bounded_and_keyed_by_server():
+    from shared_protocol.client import CanvasIds
+    ids = CanvasIds(max_entries=2)
+    a, b, c = (np.full((2, 2, 3), v, np.uint8) for v in (1, 2, 3))
+    assert ids.digest(a) == ids.digest(a.copy()) != ids.digest(b)
+    assert ids.digest(a) != ids.digest(a.reshape(2, 6))  # the shape counts, not only the bytes
+    ids.put("tcp://x", ids.digest(a), "ia")
+    ids.put("tcp://x", ids.digest(b), "ib")
+    assert ids.get("tcp://y", ids.digest(a)) is None  # another server
+    assert ids.get("tcp://x", ids.digest(a)) == "ia"  # used: now the most recent
+    ids.put("tcp://x", ids.digest(c), "ic")
+    assert ids.get("tcp://x", ids.digest(b)) is None and ids.get("tcp://x", ids.digest(a)) == "ia"
+    ids.forget("tcp://x", ids.digest(a))
+    assert ids.get("tcp://x", ids.digest(a)) is None
