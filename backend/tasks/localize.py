@@ -107,22 +107,50 @@ def block_kernel(kernel: int) -> int:
     return max(1, round(kernel / smooth_block(kernel))) | 1
 
 
-def median_filter(x: torch.Tensor, size: int, max_elements: int = 1 << 25) -> torch.Tensor:
-    """``size`` x ``size`` median (``size`` odd) of each Q x H x W plane, edges replicated, on x's device.
+def _window_runs(lengths: np.ndarray, size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For a ``size``-long median window (edges replicated) sliding over runs of ``lengths`` positions:
+    the distinct (runs, counts) patterns it sees, as (P x K run ids, P x K counts, per-position pattern)."""
+    n, r = int(lengths.sum()), size // 2
+    run_of = np.repeat(np.arange(len(lengths)), lengths)
+    ids = run_of[np.clip(np.arange(n)[:, None] + np.arange(-r, r + 1)[None], 0, n - 1)]  # n x size, sorted
+    first, last = ids[:, 0], ids[:, -1]
+    k = int((last - first).max()) + 1
+    runs = first[:, None] + np.arange(k)[None]
+    counts = np.where(runs <= last[:, None], (ids[:, :, None] == runs[:, None, :]).sum(1), 0)
+    patterns, inverse = np.unique(np.concatenate([np.minimum(runs, len(lengths) - 1), counts], axis=1), axis=0,
+                                  return_inverse=True)
+    return patterns[:, :k], patterns[:, k:], inverse.reshape(-1)
 
-    Equals ``scipy.ndimage.median_filter(mode="nearest")``; rows are done in chunks of bounded memory.
+
+def run_median(values: torch.Tensor, row_lengths: np.ndarray, col_lengths: np.ndarray, size: int,
+               max_elements: int = 1 << 24) -> torch.Tensor:
+    """``size`` x ``size`` median (``size`` odd, edges replicated) of a piecewise-constant Q x H x W map.
+
+    The map is ``values`` (Q x R x C) repeated over runs of ``row_lengths`` rows and ``col_lengths`` columns.
+    Each window holds a few runs, so its median is a weighted median of a few values (weight: the pixels
+    of each run inside the window), computed once per distinct window pattern: equal to
+    ``scipy.ndimage.median_filter(mode="nearest")`` on the full map, at the cost of the runs, not the pixels.
     """
-    if size <= 1:
-        return x
-    r = size // 2
-    padded = F.pad(x[:, None], (r, r, r, r), mode="replicate")[:, 0]
-    q, h, w = x.shape
-    rows = max(1, max_elements // max(1, q * w * size * size))
-    out = torch.empty_like(x)
-    for y in range(0, h, rows):
-        part = padded[:, y:y + min(rows, h - y) + 2 * r].unfold(1, size, 1).unfold(2, size, 1)
-        out[:, y:y + part.shape[1]] = part.reshape(*part.shape[:3], -1).median(dim=-1).values
-    return out
+    rr, rw, row_pattern = _window_runs(row_lengths, size)
+    cr, cw, col_pattern = _window_runs(col_lengths, size)
+    dev = values.device
+    rr, rw, cr, cw = (torch.from_numpy(a).to(dev) for a in (rr, rw, cr, cw))
+    kr, kc = rr.shape[1], cr.shape[1]
+    half = (size * size + 1) // 2  # the median's rank
+    q = values.shape[0]
+    step = max(1, max_elements // max(1, q * len(cr) * kr * kc))
+    med = torch.empty((q, len(rr), len(cr)), dtype=values.dtype, device=dev)
+    for a in range(0, len(rr), step):
+        b = min(a + step, len(rr))
+        vals = values[:, rr[a:b, :, None, None], cr[None, None]]  # Q x P x Kr x Pc x Kc
+        vals = vals.permute(0, 1, 3, 2, 4).reshape(q, b - a, len(cr), kr * kc)
+        weights = (rw[a:b, :, None, None] * cw[None, None]).permute(0, 2, 1, 3).reshape(b - a, len(cr), kr * kc)
+        order = vals.argsort(dim=-1)
+        cum = weights.expand(q, -1, -1, -1).gather(-1, order).cumsum(-1)
+        pick = order.gather(-1, (cum < half).sum(-1, keepdim=True))
+        med[:, a:b] = vals.gather(-1, pick)[..., 0]
+    rows, cols = torch.from_numpy(row_pattern).to(dev), torch.from_numpy(col_pattern).to(dev)
+    return med.index_select(2, cols).index_select(1, rows)
 
 
 def _block_overlap(edges: np.ndarray, size: int, block: int) -> np.ndarray:
@@ -140,24 +168,31 @@ def _block_overlap(edges: np.ndarray, size: int, block: int) -> np.ndarray:
     return np.clip(hi - lo, 0, None) / block
 
 
+def _runs(rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(first row of each run of identical consecutive rows, run lengths)."""
+    starts = np.flatnonzero(np.concatenate([[True], np.any(rows[1:] != rows[:-1], axis=1)]))
+    return starts, np.diff(np.append(starts, len(rows)))
+
+
 def render(cells: np.ndarray, ys: np.ndarray, xs: np.ndarray, height: int, width: int, kernel: int,
            device: torch.device) -> np.ndarray:
     """Q x H x W float32 pixels of a map given on cells (``windows.cell_means``), median-smoothed.
 
     A ``kernel`` of ``SMOOTH_WORK_KERNEL`` px or more is applied to block means (``smooth_block`` px, blocks
     aligned to the canvas origin, computed from the cells without going through pixels), and the result is
-    resized back bilinearly; block means, median and resize run on ``device``. Smaller kernels are exact
-    medians over pixels.
+    resized back bilinearly; smaller kernels are medians over pixels. Both medians work on runs of equal
+    rows and columns (``run_median``), on ``device``, as does the resize.
     """
+    if kernel <= 1:
+        return cells_to_pixels(cells, ys, xs, height, width)
     block = smooth_block(kernel)
-    if kernel <= 1 or block == 1:
-        pixels = cells_to_pixels(cells, ys, xs, height, width)
-        if kernel <= 1:
-            return pixels
-        return median_filter(torch.from_numpy(pixels), kernel).numpy()
+    if block == 1:
+        out = run_median(torch.from_numpy(cells).to(device), np.diff(ys), np.diff(xs), kernel)
+        return out.contiguous().cpu().numpy()
     ay, ax = _block_overlap(ys, height, block), _block_overlap(xs, width, block)
-    small = np.einsum("by,qyx,cx->qbc", ay, cells.astype(np.float64), ax, optimize=True).astype(np.float32)
-    small = median_filter(torch.from_numpy(small).to(device), block_kernel(kernel))
+    (ry, ly), (rx, lx) = _runs(ay), _runs(ax)  # blocks in one run have the same cells: the same mean
+    small = np.einsum("by,qyx,cx->qbc", ay[ry], cells.astype(np.float64), ax[rx], optimize=True)
+    small = run_median(torch.from_numpy(small.astype(np.float32)).to(device), ly, lx, block_kernel(kernel))
     up = F.interpolate(small[:, None], scale_factor=block, mode="bilinear", align_corners=False)[:, 0]
     return up[:, :height, :width].contiguous().cpu().numpy()  # (cropped: contiguous before the copy out)
 

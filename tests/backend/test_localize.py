@@ -11,7 +11,7 @@ from PIL import Image
 from backend.engine import Engine, EngineConfig
 from backend.server import Job
 from backend.service import ModelService
-from backend.tasks.localize import block_kernel, localize, median_filter, normalize_minmax, render, smooth_block
+from backend.tasks.localize import block_kernel, localize, normalize_minmax, render, run_median, smooth_block
 from backend.tasks.windows import cell_means, mean_over_windows, selo_windows
 from shared_protocol import ErrorCode, ProtocolError, Request
 
@@ -90,13 +90,17 @@ def test_normalise_and_smooth():
     assert big.shape == spike.shape and np.isfinite(big).all() and big[100, 100] < 0.6
 
 
-@pytest.mark.parametrize("size", [1, 3, 15])
-def test_median_filter_equals_scipy(rng, size):
+@pytest.mark.parametrize("size", [1, 3, 15, 31])
+def test_run_median_equals_scipy_on_the_full_map(rng, size):
     from scipy import ndimage
-    x = rng.random((2, 37, 53)).astype(np.float32)
-    got = median_filter(torch.from_numpy(x), size, max_elements=5000).numpy()  # small chunks of rows
+    rows, cols = rng.integers(1, 9, 12), np.array([1, 1, 5, 2, 13, 1, 40, 3])  # runs as short as one pixel
+    values = rng.random((2, len(rows), len(cols))).astype(np.float32)
+    values[:, 3] = values[:, 2]  # equal values in neighbouring runs (ties)
+    got = run_median(torch.from_numpy(values), rows, cols, size, max_elements=2000).numpy()  # in chunks
+    full = np.repeat(np.repeat(values, rows, axis=1), cols, axis=2)
+    assert got.shape == full.shape
     for q in range(2):
-        np.testing.assert_array_equal(got[q], ndimage.median_filter(x[q], size=size, mode="nearest"))
+        np.testing.assert_array_equal(got[q], ndimage.median_filter(full[q], size=size, mode="nearest"))
 
 
 def _smooth_pixels(h: np.ndarray, kernel: int) -> np.ndarray:
