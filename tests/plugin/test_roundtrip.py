@@ -85,6 +85,30 @@ def test_localize_round_trip_is_georeferenced(qgis_app, project, tmp_path, live_
         assert arr.dtype == np.float32 and 0 <= arr.min() and arr.max() <= 1 and arr.max() > arr.min()
 
 
+def test_asking_again_over_the_same_view_sends_no_canvas(qgis_app, tmp_path, live_backend, data_dir,
+                                                         monkeypatch):
+    import shared_protocol.client as client_module
+    layer = QgsRasterLayer(str(data_dir / "RGB.byte.tif"), "rgb")
+    first, second = (C.render_extent([layer], layer.extent(), layer.crs(), 900.0) for _ in range(2))
+    assert np.array_equal(first.pixels, second.pixels)  # the same view renders the same pixels
+    monkeypatch.setattr(client_module, "CANVAS_IDS", client_module.CanvasIds())  # nothing sent before
+    sent = []
+    request = client_module.Client.request
+
+    def spy(self, op, params=None, arrays=None, **kw):
+        if op == "localize":
+            sent.append(sorted(arrays or {}))
+        return request(self, op, params, arrays, **kw)
+
+    monkeypatch.setattr(client_module.Client, "request", spy)
+    a = run(LocalizeProcessor(first, ["river"], Common(tmp_path)), live_backend)
+    b = run(LocalizeProcessor(second, ["forest"], Common(tmp_path)), live_backend)
+    assert sent == [["canvas"], []]  # two tasks, two clients: the second sent the canvas's id only
+    for outcome in (a, b):
+        ds = gdal.Open(outcome.layers[0].path)
+        assert (ds.RasterXSize, ds.RasterYSize) == (first.width, first.height)
+
+
 def test_reprojected_capture_round_trip(qgis_app, project, tmp_path, live_backend, data_dir):
     """A UTM raster captured in EPSG:3857: the heatmap lands on the raster's footprint in 3857."""
     layer = QgsRasterLayer(str(data_dir / "RGB.byte.tif"), "rgb")
