@@ -77,6 +77,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         adapters, adapter_info = load_adapters(args.adapter, loaded)
         engine = Engine(loaded, EngineConfig(batch_size=args.batch_size, precision=args.precision,
                                              cache_bytes=args.cache_mb << 20), adapters)
+        if not adapters and engine.base_model is not loaded.model:
+            loaded.model = engine.base_model  # nothing else needs the fp32 weights: free them
         server = Server(ModelService(engine, limits, max_canvas_pixels=args.max_canvas_pixels,
                                      adapter_info=adapter_info),
                         ServerConfig(bind=args.bind, token=token, limits=limits, max_queue=args.max_queue))

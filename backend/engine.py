@@ -42,22 +42,33 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def cpuinfo_field(keys: Sequence[str], cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
+    """The first processor's value of the first of ``keys`` in ``/proc/cpuinfo`` (Linux); None elsewhere."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in keys:
+            return value.strip()
+    return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name ("AMD EPYC 9454 ..."), else what ``platform`` knows."""
+    import platform
+    return cpuinfo_field(("model name",)) or platform.processor() or platform.machine() or "cpu"
+
+
 def native_bf16_cpu(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16, AMX-BF16 or Arm BF16).
 
     Only then is bf16 faster than fp32 on a CPU (2.6x for ViT-B-32 on an AVX512-BF16 EPYC); elsewhere bf16
-    is emulated and slower. Reads the first processor's flags from ``/proc/cpuinfo`` (Linux); unknown
-    elsewhere, which counts as no.
+    is emulated and slower. Reads the first processor's flags (Linux); unknown elsewhere, which counts as no.
     """
-    try:
-        text = Path(cpuinfo).read_text(errors="replace")
-    except OSError:
-        return False
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() in ("flags", "Features"):
-            return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(value.split()))
-    return False
+    flags = cpuinfo_field(("flags", "Features"), cpuinfo) or ""
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags.split()))
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import platform
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -12,7 +11,7 @@ import torch
 from shared_protocol import ErrorCode, Limits, ProtocolError, Reply
 from shared_protocol.framing import DEFAULT_LIMITS
 
-from .engine import Engine
+from .engine import Engine, cpu_name
 from .server import Job, Service
 from .tasks import classify as classify_task
 from .tasks import geo
@@ -63,8 +62,7 @@ class ModelService(Service):
     def info(self) -> Dict[str, Any]:
         loaded = self.engine.loaded
         dev = loaded.device
-        device = {"type": dev.type, "name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
-                  platform.processor() or "cpu",
+        device = {"type": dev.type, "name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
                   "precision": self.engine.precision.name,
                   "adapter_precision": self.engine.precision.name if dev.type == "cuda" else "fp32"}
         return {

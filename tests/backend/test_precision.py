@@ -5,12 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from backend.cli import main as cli_main
-from backend.engine import Engine, EngineConfig, native_bf16_cpu, resolve_precision
+from backend.engine import Engine, EngineConfig, cpuinfo_field, native_bf16_cpu, resolve_precision
 from backend.models.preprocess import preprocess_batch
 from backend.tasks.classify import classify
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
-X86 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f {extra}\n\nprocessor\t: 1\n"
+X86 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9454 48-Core Processor\n"
+       "flags\t\t: fpu sse2 avx2 avx512f {extra}\n\nprocessor\t: 1\nflags\t\t: fpu avx512_bf16\n")
 ARM = "processor\t: 0\nFeatures\t: fp asimd {extra}\nCPU implementer\t: 0x41\n"
 
 
@@ -30,6 +31,14 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, text, expected):
 
 def test_native_bf16_is_no_without_cpuinfo(tmp_path):
     assert native_bf16_cpu(str(tmp_path / "missing")) is False
+
+
+def test_the_cpu_model_name_is_read_from_cpuinfo(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(X86.format(extra=""))
+    assert cpuinfo_field(("model name",), str(path)) == "AMD EPYC 9454 48-Core Processor"
+    assert cpuinfo_field(("no such key",), str(path)) is None
+    assert cpuinfo_field(("model name",), str(tmp_path / "missing")) is None
 
 
 def test_precision_resolution(monkeypatch):
