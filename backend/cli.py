@@ -100,6 +100,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name, meta in sorted(adapter_info.items()):
         print(f"backend: adapter {name}: {meta.get('method')} ({meta.get('trainable_parameters')} parameters)",
               flush=True)
+    try:  # before 'ready', so that the first request does not pay for lazy initialisation
+        print(f"backend: warmed up in {engine.warm_up():.2f} s", flush=True)
+    except Exception as exc:  # requests will say what is wrong, one by one; the server still starts
+        print(f"backend: WARNING: warm-up failed: {type(exc).__name__}: {exc}", flush=True)
     if loaded.random_weights:
         print("backend: WARNING: random weights, answers are meaningless", flush=True)
     print(f"backend: ready on {server.endpoint}", flush=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -268,6 +269,20 @@ class Engine:
         inverse = torch.empty(n, dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(n)
         return feats[inverse.to(feats.device)]
+
+    def warm_up(self) -> float:
+        """Run the image, window and text paths once on dummy input, so that the first request does not pay
+        for lazy initialisation (CUDA context and kernels, cuBLAS, oneDNN primitives). Caches nothing;
+        returns the seconds it took."""
+        start = time.perf_counter()
+        size = int(self.loaded.image_size[0])
+        canvas = np.zeros((2 * size, 2 * size, 3), np.uint8)
+        boxes = np.array([[0, 0, size, size], [size // 2, size // 2, size // 2 + size, size // 2 + size]])
+        self.encode_windows(canvas, boxes, size, None, (0.0, 255.0))
+        self.encode_texts(["a satellite image"], use_cache=False)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
 
     # -- texts ---------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -115,3 +115,14 @@ def test_serve_refuses_fp16_on_cpu_with_a_clear_reason(capsys):
                    "--bind", "tcp://127.0.0.1:0"])
     assert rc == 2
     assert "cannot start (bad_config): fp16 runs on CUDA only" in capsys.readouterr().err
+
+
+def test_warm_up_runs_every_path_and_caches_nothing(tiny, monkeypatch):
+    engine = Engine(tiny, EngineConfig(precision="fp32", cache_bytes=64 << 20))
+    calls = []
+    for name in ("encode_windows", "encode_texts"):
+        original = getattr(engine, name)
+        monkeypatch.setattr(engine, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    assert engine.warm_up() > 0
+    assert calls == ["encode_windows", "encode_texts"]
+    assert engine.cache.stats()["entries"] == 0
