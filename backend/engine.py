@@ -163,8 +163,9 @@ class Engine:
         self._fast_text = trimmed_text_encoder(self.base_model)
 
     @property
-    def autocast_dtype(self) -> Optional[torch.dtype]:
-        return self.precision.autocast
+    def adapter_precision(self) -> str:
+        """Adapters get the CUDA autocast but not the CPU weight cast (their code is written for fp32)."""
+        return self.precision.name if self.precision.autocast is not None else "fp32"
 
     def autocast(self):
         """The engine's autocast context (bf16/fp16 on CUDA; nothing on CPU, where weights are cast instead)."""
@@ -174,7 +175,7 @@ class Engine:
 
     def input_dtype(self, adapter: Optional[str] = None) -> torch.dtype:
         """The dtype a model's float inputs must have: its weights' (bf16 for a cast base model on CPU)."""
-        return self.precision.weights if adapter is None else torch.float32
+        return self.precision.weights if adapter is None else torch.float32  # see adapter_precision
 
     def model_for(self, adapter: Optional[str]) -> torch.nn.Module:
         if adapter is None:

@@ -24,7 +24,7 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(preprocess_batch(tiles, gpu).cpu(), preprocess_batch(tiles, cpu), atol=1e-4,
                                rtol=0)
     e_cpu, e_gpu = Engine(cpu, EngineConfig(precision="fp32")), Engine(gpu)  # fp32 reference
-    assert e_gpu.autocast_dtype in (torch.bfloat16, torch.float16)
+    assert e_gpu.precision.autocast in (torch.bfloat16, torch.float16)
     params = {"classes": ["river", "forest", "airport"], "top_k": 3}
     _, a = classify(e_cpu, params, {"tiles": tiles}, lambda p, m: None)
     _, b = classify(e_gpu, params, {"tiles": tiles}, lambda p, m: None)

@@ -68,7 +68,8 @@ def bf16_engine(tiny):
 
 
 def test_cpu_bf16_runs_a_bf16_copy_and_leaves_the_loaded_model_alone(tiny, bf16_engine):
-    assert bf16_engine.precision.name == "bf16" and bf16_engine.autocast_dtype is None
+    assert bf16_engine.precision.name == "bf16" and bf16_engine.precision.autocast is None
+    assert bf16_engine.adapter_precision == "fp32"  # adapters are not cast
     assert bf16_engine.model_for(None) is bf16_engine.base_model is not tiny.model
     assert {p.dtype for p in bf16_engine.base_model.parameters()} == {torch.bfloat16}
     assert not any(p.requires_grad for p in bf16_engine.base_model.parameters())
