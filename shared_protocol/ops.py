@@ -1,9 +1,26 @@
 """The operations of protocol version 1: their parameters and arrays.
 
 Image arrays are ``uint8`` or ``uint16``, channels last (``H x W x C``, ``C`` in 1, 3 or 4: grey is
-repeated to RGB, a 4th channel is ignored as alpha). ``uint16`` is scaled to [0, 1] with
-``value_range`` when given, else with the 2nd-98th percentile of the request (a flat image falls back to
-``x / 65535``). ``transform`` is an affine in rasterio order ``[a, b, c, d, e, f]`` with
+repeated to RGB, a 4th channel is alpha). ``uint16`` is scaled to [0, 1] with ``value_range`` when given,
+else with the 2nd-98th percentile of the request's valid pixels (a flat image falls back to ``x / 65535``).
+
+Valid pixels: each image array ``NAME`` (``canvas``, ``tiles``, ``images``, ``query_images``) may come with
+``NAME_mask``, ``uint8`` of shape ``NAME.shape[:-1]`` (a canvas: H x W; tiles and images: N x H x W), non-zero
+where a pixel is valid and 0 where it is not (nodata, transparent, outside the raster's footprint or the
+area of interest). Without a mask, a 4-channel image's alpha is the mask (alpha 0: invalid); 1- and
+3-channel images without a mask are valid everywhere. A tile, image or SeLo window whose valid share is
+below ``min_valid`` (default ``defaults.MIN_VALID_SHARE``) is skipped: not encoded, and no answer comes from
+it. classify: a skipped tile is ``{"index": i, "skipped": true, "label": null, "top": []}`` with a NaN
+``probs`` row, others carry ``"skipped": false``, and ``result["skipped"]`` counts them. rank: a skipped
+image is never ranked (absent from ``by_query``, its ``by_image`` entry is ``[]``, its ``similarity`` row
+NaN) and ``result["skipped"]`` lists them (sorted); a skipped query image is ``bad_params``. embed: a
+skipped image's embedding row is NaN and ``result["skipped"]`` lists them. localize: a heatmap pixel that
+is invalid, or that no kept window covers, is NaN; normalisation and statistics use valid pixels only, the
+median smoothing ignores NaN, GeoTIFFs carry ``nodata = nan`` and polygons never cover NaN; a canvas with no
+kept window is ``bad_params`` with ``details.reason = "no_valid_pixels"``. A ``canvas_id`` names the pixels
+and the mask together.
+
+``transform`` is an affine in rasterio order ``[a, b, c, d, e, f]`` with
 ``x = a*col + b*row + c`` and ``y = d*col + e*row + f`` (pixel corners), ``crs`` is any string rasterio
 understands (``EPSG:32618``, WKT).
 """
@@ -11,9 +28,11 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
+from .defaults import DEFAULT_CROP_SIZE, DEFAULT_SMOOTH, DEFAULT_WINDOW_SIZES, MIN_VALID_SHARE
 from .schema import ArraySpec, OpSpec, Param
 
 IMAGE_DTYPES = ("uint8", "uint16")
+MASK_DTYPES = ("uint8",)
 MAX_TEXT = 500  # characters in one class name or query
 MAX_TEXTS = 2000  # class names / queries in one request
 DEFAULT_MAX_CANVAS_PIXELS = 16384 * 16384
@@ -21,6 +40,17 @@ DEFAULT_MAX_CANVAS_PIXELS = 16384 * 16384
 # canvas origin: a client stitching canvases keeps their origins on multiples of that block (and of the
 # window strides) to get seamless maps
 SMOOTH_WORK_KERNEL = 15  # a backend's default limit on height x width (see info.capabilities)
+
+
+def mask_spec(image: ArraySpec) -> ArraySpec:
+    """The optional ``NAME_mask`` array of an image array: uint8, its shape without the channels."""
+    return ArraySpec(f"{image.name}_mask", MASK_DTYPES, tuple(n - 1 for n in image.ndim), required=False,
+                     mask_of=image.name, doc=f"valid pixels of '{image.name}' (non-zero: valid)")
+
+
+def with_masks(*images: ArraySpec) -> tuple:
+    """Image arrays followed by their masks."""
+    return tuple(images) + tuple(mask_spec(a) for a in images)
 
 
 def _texts(value) -> Optional[str]:
@@ -56,6 +86,8 @@ ADAPTER = Param("adapter", "str", nullable=True, max_len=200,
                 doc="name of a loaded adapter (see info.adapters); null = the base model")
 VALUE_RANGE = Param("value_range", "float_list", nullable=True, check=_pair,
                     doc="[low, high] input values mapped to 0 and 1 (uint16 images)")
+MIN_VALID = Param("min_valid", "float", default=MIN_VALID_SHARE, min=0.0, max=1.0,
+                  doc="tiles, images and windows with a smaller share of valid pixels are skipped")
 TOP_K = Param("top_k", "int", default=5, min=1, max=10000, doc="how many best matches to return")
 
 HELLO = OpSpec(
@@ -88,10 +120,10 @@ CLASSIFY = OpSpec(
               doc="georsclip: mean of raw embeddings then normalise; openclip: normalise each first"),
         Param("tile_size", "int", nullable=True, min=8, max=65536, doc="grid tile size in canvas pixels"),
         Param("stride", "int", nullable=True, min=1, max=65536, doc="grid stride (default: tile_size)"),
-        VALUE_RANGE, ADAPTER,
+        VALUE_RANGE, ADAPTER, MIN_VALID,
     ),
-    arrays=(ArraySpec("tiles", IMAGE_DTYPES, (4,), required=False),
-            ArraySpec("canvas", IMAGE_DTYPES, (3,), required=False)),
+    arrays=with_masks(ArraySpec("tiles", IMAGE_DTYPES, (4,), required=False),
+                      ArraySpec("canvas", IMAGE_DTYPES, (3,), required=False)),
     long_running=True,
 )
 
@@ -100,10 +132,10 @@ RANK = OpSpec(
     "Similarity of images and queries (texts and/or query images), ranked both ways.",
     params=(
         Param("texts", "str_list", nullable=True, max_len=MAX_TEXTS, check=_texts),
-        TOP_K, VALUE_RANGE, ADAPTER,
+        TOP_K, VALUE_RANGE, ADAPTER, MIN_VALID,
     ),
-    arrays=(ArraySpec("images", IMAGE_DTYPES, (4,)),
-            ArraySpec("query_images", IMAGE_DTYPES, (4,), required=False)),
+    arrays=with_masks(ArraySpec("images", IMAGE_DTYPES, (4,)),
+                      ArraySpec("query_images", IMAGE_DTYPES, (4,), required=False)),
     long_running=True,
 )
 
@@ -112,11 +144,11 @@ LOCALIZE = OpSpec(
     "Semantic localization (SeLo): one heatmap per text query over one canvas.",
     params=(
         Param("queries", "str_list", required=True, min_len=1, max_len=64, check=_texts),
-        Param("window_sizes", "int_list", default=lambda: [256, 512, 768], min_len=1, max_len=8, min=8,
+        Param("window_sizes", "int_list", default=lambda: list(DEFAULT_WINDOW_SIZES), min_len=1, max_len=8, min=8,
               max=65536, doc="square window sizes in canvas pixels"),
-        Param("crop_size", "int", default=256, min=8, max=4096,
+        Param("crop_size", "int", default=DEFAULT_CROP_SIZE, min=8, max=4096,
               doc="each window is resized to this before the model's own preprocessing"),
-        Param("smooth", "int", default=251, min=0, max=4001, check=_odd_or_zero,
+        Param("smooth", "int", default=DEFAULT_SMOOTH, min=0, max=4001, check=_odd_or_zero,
               doc="median-filter kernel in canvas pixels (0: off)"),
         Param("normalize", "bool", default=True, doc="min-max normalise each heatmap to [0, 1]"),
         Param("transform", "float_list", nullable=True, check=_six, doc="canvas affine, rasterio order"),
@@ -128,10 +160,11 @@ LOCALIZE = OpSpec(
               doc="a canvas_id from an earlier localize reply: that canvas again, without sending it (the "
                   "'canvas' array may then be left out); not_found with reason 'canvas_unknown' when the "
                   "server no longer holds it"),
-        VALUE_RANGE, ADAPTER,
+        VALUE_RANGE, ADAPTER, MIN_VALID,
     ),
-    arrays=(ArraySpec("canvas", IMAGE_DTYPES, (3,), required=False,
-                      doc="H x W x C; may be left out when canvas_id names a canvas the server holds"),),
+    arrays=with_masks(ArraySpec("canvas", IMAGE_DTYPES, (3,), required=False,
+                                doc="H x W x C; may be left out when canvas_id names a canvas the server holds "
+                                    "(the id covers the canvas and its mask)")),
     long_running=True,
 )
 
@@ -141,9 +174,9 @@ EMBED = OpSpec(
     params=(
         Param("texts", "str_list", nullable=True, max_len=MAX_TEXTS, check=_texts),
         Param("normalize", "bool", default=True),
-        VALUE_RANGE, ADAPTER,
+        VALUE_RANGE, ADAPTER, MIN_VALID,
     ),
-    arrays=(ArraySpec("images", IMAGE_DTYPES, (4,), required=False),),
+    arrays=with_masks(ArraySpec("images", IMAGE_DTYPES, (4,), required=False)),
     long_running=True,
 )
 

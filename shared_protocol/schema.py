@@ -40,6 +40,7 @@ class ArraySpec:
     ndim: Tuple[int, ...]
     required: bool = True
     doc: str = ""
+    mask_of: Optional[str] = None  # a mask: the image array whose pixels it marks valid (its shape minus channels)
 
 
 def _is_int(v: Any) -> bool:
@@ -146,6 +147,13 @@ def validate_arrays(specs: Sequence[ArraySpec], arrays: Mapping[str, np.ndarray]
         if a.ndim not in s.ndim:
             raise bad_array(f"{op}: array '{s.name}' must have {' or '.join(map(str, s.ndim))} dimensions, "
                             f"got shape {list(a.shape)}", name=s.name)
+        if s.mask_of is not None:
+            image = arrays.get(s.mask_of)
+            if image is None:
+                raise bad_array(f"{op}: array '{s.name}' comes without the '{s.mask_of}' it masks", name=s.name)
+            if a.shape != image.shape[:-1]:
+                raise bad_array(f"{op}: array '{s.name}' must have the shape of '{s.mask_of}' without its channels, "
+                                f"{list(image.shape[:-1])}; got {list(a.shape)}", name=s.name)
     return dict(arrays)
 
 

@@ -78,10 +78,20 @@ def array_of(dtype: str, ndim: int):
                           .map(lambda vals: np.array(vals, dtype=dt).reshape(shape)))
 
 
+def mask_like(image: np.ndarray):
+    """A valid mask for ``image``: uint8 of its shape without the channels, any values."""
+    shape = image.shape[:-1]
+    return st.lists(st.integers(0, 255), min_size=int(np.prod(shape)), max_size=int(np.prod(shape))).map(
+        lambda vals: np.array(vals, dtype=np.uint8).reshape(shape))
+
+
 @st.composite
 def arrays_for(draw, spec: OpSpec):
     out = {}
     for a in spec.arrays:
-        if a.required or draw(st.booleans()):
+        if a.mask_of is not None:  # a mask goes only with its image, in the image's shape
+            if a.mask_of in out and draw(st.booleans()):
+                out[a.name] = draw(mask_like(out[a.mask_of]))
+        elif a.required or draw(st.booleans()):
             out[a.name] = draw(array_of(draw(st.sampled_from(a.dtypes)), draw(st.sampled_from(a.ndim))))
     return out
