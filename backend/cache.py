@@ -20,16 +20,22 @@ def nbytes_of(value: Any) -> int:
     return 64
 
 
-def content_key(array: np.ndarray) -> str:
-    """A digest of an array's bytes, shape and dtype: the same pixels give the same key.
+def content_key(array: np.ndarray, *more: np.ndarray) -> str:
+    """A digest of an array's bytes, shape and dtype (and of ``more`` arrays after it): the same pixels give
+    the same key.
 
     BLAKE3 (cryptographic, so that no client can craft pixels that collide with another client's cached
     canvas; ~4 GB/s on one core here, and multi-threaded for large canvases).
     """
-    data = memoryview(np.ascontiguousarray(array)).cast("B")
-    h = blake3.blake3(f"{array.dtype.str}{array.shape}".encode(),
-                      max_threads=blake3.blake3.AUTO if data.nbytes > (8 << 20) else 1)
-    h.update(data)
+    h = None
+    for a in (array, *more):
+        data = memoryview(np.ascontiguousarray(a)).cast("B")
+        head = f"{a.dtype.str}{a.shape}".encode()
+        if h is None:
+            h = blake3.blake3(head, max_threads=blake3.blake3.AUTO if data.nbytes > (8 << 20) else 1)
+        else:
+            h.update(head)
+        h.update(data)
     return h.hexdigest(length=16)
 
 

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from shared_protocol import ProtocolError
 from shared_protocol.client import DEFAULT_ADDRESS, Client
+from shared_protocol.defaults import DEFAULT_SMOOTH, DEFAULT_WINDOW_SIZES, MIN_VALID_SHARE
 from shared_protocol.ops import DEFAULT_MAX_CANVAS_PIXELS
 
 TOKEN_ENV = "MAPQUERY_TOKEN"
@@ -49,6 +50,12 @@ def add_client_args(p: argparse.ArgumentParser, timeout: float = 120.0) -> None:
     p.add_argument("--token", default=os.environ.get(TOKEN_ENV), help=f"access token (default ${TOKEN_ENV})")
     p.add_argument("--timeout", type=float, default=timeout, help="seconds to wait for each reply")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def add_min_valid_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--min-valid", type=float, default=MIN_VALID_SHARE, metavar="SHARE",
+                   help=f"skip {what} with a smaller share of valid pixels (the raster's nodata, alpha or mask; "
+                   f"default {MIN_VALID_SHARE})")
 
 
 def client_from_args(args: argparse.Namespace) -> Client:
@@ -178,15 +185,17 @@ def cmd_classify(args: argparse.Namespace) -> int:
                 raise ValueError("give classes with --class NAME (repeatable) or --preset NAME")
             out = []
             for img in _read_images(args.images):
-                params: Dict[str, Any] = {"top_k": args.top_k, "templates": args.templates}
+                params: Dict[str, Any] = {"top_k": args.top_k, "templates": args.templates,
+                                          "min_valid": args.min_valid}
                 if args.grid:
-                    reply = client.classify(classes, canvas=img.pixels, tile_size=args.grid, **params)
+                    reply = client.classify(classes, canvas=img.pixels, tile_size=args.grid, **params,
+                                            **img.masks("canvas"))
                 else:
-                    reply = client.classify(classes, img.pixels[None], **params)
+                    reply = client.classify(classes, img.pixels[None], **params, **img.masks("tiles"))
                 for t in reply.result["tiles"]:
                     probs = reply.arrays["probs"][t["index"]]
-                    entry = {"file": img.path, "probs": {c: float(p) for c, p in zip(classes, probs)},
-                             "top": t["top"]}
+                    entry = {"file": img.path, "skipped": t["skipped"], "top": t["top"],
+                             "probs": None if t["skipped"] else {c: float(p) for c, p in zip(classes, probs)}}
                     if "boxes" in reply.arrays:
                         entry["box"] = [int(v) for v in reply.arrays["boxes"][t["index"]]]
                     out.append(entry)
@@ -200,18 +209,21 @@ def cmd_classify(args: argparse.Namespace) -> int:
             print(f"warning: {w}")
         for e in out:
             where = e["file"] + (f" {e['box']}" if "box" in e else "")
-            print(f"{where}: " + ", ".join(f"{t['label']} {t['score']:.3f}" for t in e["top"]))
+            print(f"{where}: " + (", ".join(f"{t['label']} {t['score']:.3f}" for t in e["top"]) if not e["skipped"]
+                                  else "skipped (too few valid pixels)"))
     return 0
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
     import numpy as np
+    from .files import square_tile
     try:
         imgs = _read_images(args.images)
         size = args.size
-        tiles = np.stack([_resize_tile(i.pixels, size) for i in imgs])
+        tiles, masks = zip(*[square_tile(i, size) for i in imgs])
         with client_from_args(args) as client:
-            reply = client.rank(tiles, args.texts, top_k=args.top_k)
+            reply = client.rank(np.stack(tiles), args.texts, top_k=args.top_k, min_valid=args.min_valid,
+                                images_mask=np.stack(masks))
     except (ProtocolError, ValueError, OSError) as exc:
         return _fail(exc)
     result = {
@@ -220,6 +232,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
         "by_file": [{"file": imgs[i].path, "top": [{"text": args.texts[m["index"]], "score": m["score"]}
                                                    for m in ranks]}
                     for i, ranks in enumerate(reply.result["by_image"])],
+        "skipped": [imgs[i].path for i in reply.result["skipped"]],
         "warnings": reply.result.get("warnings", []),
     }
     if args.json:
@@ -227,20 +240,11 @@ def cmd_rank(args: argparse.Namespace) -> int:
     else:
         for w in result["warnings"]:
             print(f"warning: {w}")
+        for path in result["skipped"]:
+            print(f"{path}: skipped (too few valid pixels)")
         for entry in result["by_text"]:
             print(f"{entry['text']!r}: " + ", ".join(f"{m['file']} {m['score']:.3f}" for m in entry["top"]))
     return 0
-
-
-def _resize_tile(pixels, size: int):
-    """Tiles of one rank request must share a shape: resize (PIL, bicubic) to size x size RGB."""
-    import numpy as np
-    from PIL import Image as PILImage
-    if pixels.dtype != np.uint8:
-        lo, hi = np.percentile(pixels, (2, 98))
-        pixels = (np.clip((pixels - lo) / max(hi - lo, 1), 0, 1) * 255).astype(np.uint8)
-    rgb = pixels[:, :, :3] if pixels.shape[2] >= 3 else np.repeat(pixels[:, :, :1], 3, axis=2)
-    return np.asarray(PILImage.fromarray(rgb).resize((size, size), PILImage.BICUBIC))
 
 
 def cmd_localize(args: argparse.Namespace) -> int:
@@ -255,6 +259,7 @@ def cmd_localize(args: argparse.Namespace) -> int:
             reply = client.localize(img.pixels, [args.query], window_sizes=args.window_sizes, smooth=args.smooth,
                                     transform=img.transform, crs=img.crs, geotiff=bool(georef),
                                     polygons=bool(args.polygons), threshold=args.threshold,
+                                    min_valid=args.min_valid, **img.masks("canvas"),
                                     on_progress=None if args.json else _print_progress)
         heat = reply.arrays["heatmaps"][0]
         if args.out:
@@ -338,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--templates", default="georsclip")
     p.add_argument("--grid", type=int, metavar="PIXELS", help="classify a grid of tiles of this size per image")
+    add_min_valid_arg(p, "tiles")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(func=cmd_classify)
 
@@ -346,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", dest="texts", action="append", required=True, metavar="TEXT")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--size", type=int, default=256, help="tiles are resized to this square size first")
+    add_min_valid_arg(p, "images")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(func=cmd_rank)
 
@@ -355,8 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="heatmap file: .tif (GeoTIFF, georeferenced like the input) or .npy")
     p.add_argument("--polygons", metavar="FILE", help="also write regions above --threshold as GeoJSON")
     p.add_argument("--threshold", type=float, default=0.5)
-    p.add_argument("--window-sizes", type=int, nargs="+", default=[256, 512, 768])
-    p.add_argument("--smooth", type=int, default=251, help="median kernel in pixels, odd (0: off)")
+    p.add_argument("--window-sizes", type=int, nargs="+", default=list(DEFAULT_WINDOW_SIZES))
+    p.add_argument("--smooth", type=int, default=DEFAULT_SMOOTH, help="median kernel in pixels, odd (0: off)")
+    add_min_valid_arg(p, "windows")
     p.add_argument("image", metavar="IMAGE")
     p.set_defaults(func=cmd_localize)
 

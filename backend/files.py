@@ -20,13 +20,24 @@ class Image:
     pixels: np.ndarray  # H x W x C, uint8 or uint16
     transform: Optional[List[float]] = None  # rasterio affine [a, b, c, d, e, f]
     crs: Optional[str] = None
+    mask: Optional[np.ndarray] = None  # H x W uint8, 0 where invalid (nodata, alpha, internal mask); None: all valid
+
+    def masks(self, name: str) -> dict:
+        """The request keyword for this image's mask as the array ``name`` (``canvas``: H x W; ``tiles`` or
+        ``images``, this image alone: 1 x H x W): ``{name + "_mask": mask}``, or {} when all is valid."""
+        if self.mask is None:
+            return {}
+        return {f"{name}_mask": self.mask if name == "canvas" else self.mask[None]}
 
 
 def read_image(path: PathLike) -> Image:
     """PNG/JPEG through Pillow, GeoTIFF (and anything GDAL reads) through rasterio, as H x W x C.
 
-    A raster's affine (rotated ones too) and CRS are kept, so outputs land where the input is. Rasters
-    that are neither 8- nor 16-bit are stretched min-max to uint16.
+    A raster's affine (rotated ones too) and CRS are kept, so outputs land where the input is. Its first
+    three bands (or its first, with fewer than three) are read, and its valid pixels from GDAL's mask
+    (``dataset_mask``: nodata values, an alpha band or an internal mask; non-finite values too). Rasters
+    that are neither 8- nor 16-bit are stretched min-max over their valid pixels to uint16. A PNG's alpha
+    stays its 4th channel (which the backend reads as the mask).
     """
     path = Path(path)
     if not path.is_file():
@@ -42,18 +53,40 @@ def read_image(path: PathLike) -> Image:
     import rasterio
     try:
         with rasterio.open(path) as ds:
-            bands = min(ds.count, 4) if ds.count != 2 else 1
-            data = ds.read(list(range(1, bands + 1)))
+            data = ds.read(list(range(1, (3 if ds.count >= 3 else 1) + 1)))
+            valid = ds.dataset_mask() != 0
             transform = list(ds.transform)[:6]
             crs = ds.crs.to_string() if ds.crs else None
     except rasterio.errors.RasterioIOError as exc:
         raise ValueError(f"{path}: not a readable raster ({exc})") from None
     if data.dtype not in (np.uint8, np.uint16):
         if np.issubdtype(data.dtype, np.floating):
-            data = np.nan_to_num(data)
-        lo, hi = float(data.min()), float(data.max())
-        data = ((data - lo) / (hi - lo or 1.0) * 65535).astype(np.uint16)
-    return Image(str(path), np.ascontiguousarray(data.transpose(1, 2, 0)), transform, crs)
+            valid &= np.isfinite(data).all(axis=0)
+        values = data[:, valid]
+        lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+        data = np.where(valid, (np.clip(np.nan_to_num(data), lo, hi) - lo) / (hi - lo or 1.0) * 65535, 0)
+        data = data.astype(np.uint16)
+    mask = None if valid.all() else valid.astype(np.uint8)
+    return Image(str(path), np.ascontiguousarray(data.transpose(1, 2, 0)), transform, crs, mask)
+
+
+def square_tile(image: Image, size: int) -> Tuple[np.ndarray, np.ndarray]:
+    """``image`` as a ``size`` x ``size`` uint8 RGB tile (PIL bicubic; uint16 stretched over the 2nd-98th
+    percentile of its valid pixels) and its mask (nearest; all valid without one), for rank requests,
+    whose tiles must share a shape."""
+    from PIL import Image as PILImage
+    pixels = image.pixels
+    valid = np.ones(pixels.shape[:2], bool) if image.mask is None else image.mask != 0
+    if pixels.shape[2] == 4 and image.mask is None:  # a PNG's alpha
+        valid = pixels[:, :, 3] != 0
+    if pixels.dtype != np.uint8:
+        sample = pixels[valid][:, :3]
+        lo, hi = np.percentile(sample, (2, 98)) if sample.size else (0, 65535)
+        pixels = (np.clip((pixels - lo) / max(hi - lo, 1), 0, 1) * 255).astype(np.uint8)
+    rgb = pixels[:, :, :3] if pixels.shape[2] >= 3 else np.repeat(pixels[:, :, :1], 3, axis=2)
+    tile = np.asarray(PILImage.fromarray(rgb).resize((size, size), PILImage.BICUBIC))
+    mask = np.asarray(PILImage.fromarray(valid.astype(np.uint8) * 255).resize((size, size), PILImage.NEAREST))
+    return tile, (mask != 0).astype(np.uint8)
 
 
 def _create_sibling(path: Path) -> Tuple[int, Path]:

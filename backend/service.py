@@ -9,7 +9,9 @@ import numpy as np
 import torch
 
 from shared_protocol import ErrorCode, Limits, ProtocolError, Reply
+from shared_protocol.defaults import MIN_VALID_SHARE
 from shared_protocol.framing import DEFAULT_LIMITS
+from shared_protocol.ops import DEFAULT_MAX_CANVAS_PIXELS
 
 from .engine import Engine, cpu_name
 from .server import Job, Service
@@ -17,6 +19,7 @@ from .tasks import classify as classify_task
 from .tasks import geo
 from .tasks import localize as localize_task
 from .tasks import rank as rank_task
+from .tasks.masks import valid_pixels
 from .models.presets import PRESETS
 from .tasks.classnames import CLASS_PRESETS
 from .tasks.templates import TEMPLATE_SETS
@@ -24,21 +27,33 @@ from .tasks.templates import TEMPLATE_SETS
 log = logging.getLogger("backend.service")
 Handler = Callable[[Engine, Dict[str, Any], Dict[str, np.ndarray], Callable[[float, str], None]],
                    Tuple[Dict[str, Any], Dict[str, np.ndarray]]]
-from shared_protocol.ops import DEFAULT_MAX_CANVAS_PIXELS
 
 
-def uniform_image_warnings(arrays: Dict[str, np.ndarray]) -> list:
-    """Say so when images hold one value only (all nodata, a blank render): their answers mean little."""
+def uniform_image_warnings(arrays: Dict[str, np.ndarray], min_valid: float = MIN_VALID_SHARE) -> list:
+    """Say so when images hold one value only over their valid pixels (all nodata, a blank render): their
+    answers mean little. Tiles skipped for too few valid pixels are not counted (the reply says so itself)."""
     out = []
     for name, arr in arrays.items():
-        if arr.ndim == 3 and arr.size and arr.min() == arr.max():
-            out.append(f"'{name}' holds a single value ({arr.flat[0]}): all nodata or blank? The answer is "
-                       "uninformative")
-        elif arr.ndim == 4 and arr.size:
+        if name.endswith("_mask") or arr.ndim not in (3, 4) or not arr.size:
+            continue
+        valid = valid_pixels(arrays, name)
+        arr = arr[..., :3]  # not the alpha
+        if arr.ndim == 3:
+            pixels = arr.reshape(-1, arr.shape[-1]) if valid is None else arr[valid]
+            if pixels.size and pixels.min() == pixels.max():
+                out.append(f"'{name}' holds a single value ({pixels.flat[0]}) over its valid pixels: all nodata "
+                           "or blank? The answer is uninformative")
+            continue
+        if valid is None:
             flat = arr.reshape(arr.shape[0], -1)
             blank = int((flat.min(axis=1) == flat.max(axis=1)).sum())
-            if blank:
-                out.append(f"{blank} of {arr.shape[0]} '{name}' hold a single value (nodata or blank)")
+            count = arr.shape[0]
+        else:
+            kept = [i for i in range(arr.shape[0]) if valid[i].mean() >= min_valid]
+            blank = sum(1 for i in kept if valid[i].any() and arr[i][valid[i]].min() == arr[i][valid[i]].max())
+            count = len(kept)
+        if blank:
+            out.append(f"{blank} of {count} '{name}' hold a single value (nodata or blank)")
     return out
 
 
@@ -94,6 +109,8 @@ class ModelService(Service):
         if handler is None:
             raise ProtocolError(ErrorCode.UNKNOWN_OP, f"{request.op} is not served here")
         for name, arr in request.arrays.items():
+            if name.endswith("_mask"):  # its shape was checked against its image's
+                continue
             if arr.ndim >= 3 and arr.shape[-3] * arr.shape[-2] > self.max_canvas_pixels:
                 raise ProtocolError(ErrorCode.TOO_LARGE, f"'{name}' has {arr.shape[-3]} x {arr.shape[-2]} pixels, over "
                                     f"the limit of {self.max_canvas_pixels}", {"name": name})
@@ -107,7 +124,8 @@ class ModelService(Service):
         reply.result["elapsed_s"] = round(time.perf_counter() - started, 4)
         reply.result["model"] = self.engine.loaded.name
         reply.result["adapter"] = request.params.get("adapter")
-        warnings = self.warnings() + uniform_image_warnings(request.arrays)
+        warnings = self.warnings() + uniform_image_warnings(request.arrays,
+                                                            request.params.get("min_valid", MIN_VALID_SHARE))
         if warnings:
             reply.result["warnings"] = warnings
         return reply
@@ -120,7 +138,8 @@ class ModelService(Service):
 
     def _localize(self, job: Job) -> Reply:
         params = job.request.params
-        canvas = localize_task.resolve_canvas(self.engine, job.request.arrays.get("canvas"), params)
+        canvas = localize_task.resolve_canvas(self.engine, job.request.arrays.get("canvas"), params,
+                                              job.request.arrays.get("canvas_mask"))
         h, w = canvas.height, canvas.width
         out_bytes = len(params["queries"]) * h * w * 4
         if out_bytes > self.limits.max_array_bytes:

@@ -12,7 +12,11 @@ per worker thread or task.
 
 A canvas is sent once: ``localize`` remembers (process-wide, per server address) the ``canvas_id`` the
 server gave each canvas it was sent, and when the same pixels come again it sends that id instead of the
-canvas, and the canvas only if the server answers that it no longer holds it.
+canvas, and the canvas only if the server answers that it no longer holds it (the same pixels with another
+mask are another canvas).
+
+Valid-pixel masks go as keyword arguments named like their arrays (``canvas_mask=``, ``tiles_mask=``,
+``images_mask=``, ``query_images_mask=``; None leaves them out), beside the other parameters.
 """
 from __future__ import annotations
 
@@ -43,11 +47,14 @@ class CanvasIds:
         self._lock = threading.Lock()
 
     @staticmethod
-    def digest(canvas: np.ndarray) -> str:
-        """SHA-256 of shape, dtype and pixels (hardware-accelerated on most CPUs: ~2 GB/s)."""
+    def digest(canvas: np.ndarray, mask: Optional[np.ndarray] = None) -> str:
+        """SHA-256 of shape, dtype and pixels (hardware-accelerated on most CPUs: ~2 GB/s), and of the mask."""
         arr = np.ascontiguousarray(canvas)
         h = hashlib.sha256(f"{arr.shape}{arr.dtype.str}".encode())
         h.update(memoryview(arr).cast("B"))
+        if mask is not None:  # the canvas_id names the canvas and its mask
+            h.update(b"mask")
+            h.update(memoryview(np.ascontiguousarray(mask)).cast("B"))
         return h.hexdigest()
 
     def get(self, address: str, digest: str) -> Optional[str]:
@@ -250,6 +257,7 @@ class Client:
                  canvas: Optional[np.ndarray] = None, **params_and_kw: Any) -> Reply:
         arrays = {k: v for k, v in (("tiles", tiles), ("canvas", canvas)) if v is not None}
         params, kw = _split(params_and_kw)
+        arrays.update(_masks(params))
         return self.request("classify", {"classes": list(classes), **params}, arrays, **kw)
 
     def rank(self, images: np.ndarray, texts: Optional[Sequence[str]] = None, *,
@@ -258,6 +266,7 @@ class Client:
         if query_images is not None:
             arrays["query_images"] = query_images
         params, kw = _split(params_and_kw)
+        arrays.update(_masks(params))
         return self.request("rank", {"texts": list(texts) if texts is not None else None, **params}, arrays, **kw)
 
     def localize(self, canvas: Optional[np.ndarray], queries: Sequence[str], **params_and_kw: Any) -> Reply:
@@ -265,10 +274,12 @@ class Client:
         its ``canvas_id``, and again in full only if the server no longer holds it. ``canvas=None`` with a
         ``canvas_id`` parameter names a canvas explicitly."""
         params, kw = _split(params_and_kw)
+        masks = _masks(params)
         params = {"queries": list(queries), **params}
         if canvas is None:
             return self.request("localize", params, {}, **kw)
-        digest = CANVAS_IDS.digest(canvas) if self.reuse_canvas and "canvas_id" not in params else None
+        mask = masks.get("canvas_mask")
+        digest = CANVAS_IDS.digest(canvas, mask) if self.reuse_canvas and "canvas_id" not in params else None
         known = CANVAS_IDS.get(self.address, digest) if digest else None
         if known is not None:
             try:
@@ -277,7 +288,7 @@ class Client:
                 if exc.code != ErrorCode.NOT_FOUND or exc.details.get("reason") != "canvas_unknown":
                     raise
                 CANVAS_IDS.forget(self.address, digest)
-        reply = self.request("localize", params, {"canvas": canvas}, **kw)
+        reply = self.request("localize", params, {"canvas": canvas, **masks}, **kw)
         if digest and reply.result.get("canvas_id"):
             CANVAS_IDS.put(self.address, digest, str(reply.result["canvas_id"]))
         return reply
@@ -286,11 +297,19 @@ class Client:
               **params_and_kw: Any) -> Reply:
         params, kw = _split(params_and_kw)
         arrays = {"images": images} if images is not None else {}
+        arrays.update(_masks(params))
         return self.request("embed", {"texts": list(texts) if texts is not None else None, **params}, arrays,
                             **kw)
 
 
 _REQUEST_KWARGS = ("timeout", "retries", "on_progress", "cancel", "request_id")
+
+
+def _masks(params: Dict[str, Any]) -> Dict[str, np.ndarray]:
+    """Take the ``NAME_mask`` keyword arguments (arrays, sent beside their images; None: left out) out of
+    ``params``."""
+    names = [k for k in params if k.endswith("_mask")]
+    return {k: v for k, v in ((k, params.pop(k)) for k in names) if v is not None}
 
 
 def _split(kw: Dict[str, Any]):

@@ -5,8 +5,9 @@ Numerically follows open_clip's inference transform (PIL ``Resize(shortest side,
 bicubic, and for 8-bit input the result is rounded to 8-bit levels as PIL does.
 
 Input values: ``uint8`` maps [0, 255] to [0, 1]. ``uint16`` maps ``value_range`` when given, else the 2nd
-to 98th percentile of the whole request (a flat image, where both are equal, falls back to ``x / 65535``).
-Channels: 1 (grey, repeated to RGB), 3 (RGB) or 4 (RGBA: alpha ignored).
+to 98th percentile of the request's valid pixels (a flat image, where both are equal, falls back to
+``x / 65535``). Channels: 1 (grey, repeated to RGB), 3 (RGB) or 4 (RGBA: alpha marks valid pixels, see
+``tasks.masks``; it is not part of the image).
 """
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ from shared_protocol import ErrorCode, ProtocolError
 UINT16_PERCENTILES = (2.0, 98.0)
 
 
-def value_scale(images: np.ndarray, value_range: Optional[Sequence[float]] = None) -> Tuple[float, float]:
-    """(low, high) input values that map to 0 and 1."""
+def value_scale(images: np.ndarray, value_range: Optional[Sequence[float]] = None,
+                valid: Optional[np.ndarray] = None) -> Tuple[float, float]:
+    """(low, high) input values that map to 0 and 1; uint16 percentiles from the ``valid`` pixels only (a bool
+    array of ``images.shape[:-1]``; None: all)."""
     if value_range is not None:
         return float(value_range[0]), float(value_range[1])
     if images.dtype == np.uint8:
@@ -30,7 +33,9 @@ def value_scale(images: np.ndarray, value_range: Optional[Sequence[float]] = Non
     if images.dtype == np.uint16:
         if images.size == 0:
             return 0.0, 65535.0
-        sample = images[..., :3].reshape(-1)
+        sample = (images[..., :3] if valid is None else images[valid][:, :3]).reshape(-1)
+        if sample.size == 0:
+            return 0.0, 65535.0
         if sample.size > 4_000_000:  # a strided sample is plenty for percentiles
             sample = sample[:: sample.size // 4_000_000]
         lo, hi = np.percentile(sample, UINT16_PERCENTILES)

@@ -8,10 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from shared_protocol import ErrorCode, ProtocolError
+from shared_protocol.defaults import MIN_VALID_SHARE
 
 from ..cache import content_key
 from ..engine import Engine, Progress
 from ..models.preprocess import preprocess_batch, value_scale
+from .masks import box_shares, image_shares, skipped, valid_pixels
 from .templates import get_templates, normalize_classname
 from .windows import grid_cells
 
@@ -87,33 +89,53 @@ def conditioned_probabilities(engine: Engine, classes: Sequence[str], tiles: np.
     return torch.cat(out)
 
 
+def tile_shares(tiles: np.ndarray, cells: Optional[np.ndarray], canvas: Optional[np.ndarray],
+                valid: Optional[np.ndarray]) -> np.ndarray:
+    """The valid share of each tile: a sent tile's own; a grid tile's is the smaller of its cell's (what the
+    label covers) and its window's (what the model sees, larger than the cell at the right and bottom edges)."""
+    if valid is None:
+        return np.ones(len(tiles))
+    if canvas is None:
+        return image_shares(valid, len(tiles))
+    return np.minimum(box_shares(valid, cells), box_shares(valid, tiles))
+
+
 def classify(engine: Engine, params: Dict[str, Any], arrays: Dict[str, np.ndarray],
              progress: Progress) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+    """Top-k labels per tile; tiles with too few valid pixels (``min_valid``) are skipped, not encoded."""
     classes = check_classes(params["classes"])
     tiles, cells, canvas = tiles_from_request(params, arrays)
+    valid = valid_pixels(arrays, "tiles" if canvas is None else "canvas")
+    skip = skipped(tile_shares(tiles, cells, canvas, valid), params.get("min_valid", MIN_VALID_SHARE))
+    keep = np.setdiff1d(np.arange(len(tiles)), skip)
+    scale = value_scale(tiles if canvas is None else canvas[None], params.get("value_range"),
+                        valid if valid is None or canvas is None else valid[None])
+    tiles = tiles[keep]  # the tiles (or grid windows) encoded
     adapter = params.get("adapter")
-    if getattr(engine.model_for(adapter), "image_conditioned", False):
+    if not len(tiles):
+        probs_t = torch.zeros((0, len(classes)))
+    elif getattr(engine.model_for(adapter), "image_conditioned", False):
         source = tiles if canvas is None else np.stack([canvas[y0:y1, x0:x1] for x0, y0, x1, y1 in tiles])
-        scale = value_scale(source if canvas is None else canvas[None], params.get("value_range"))
         probs_t = conditioned_probabilities(engine, classes, source, scale, adapter,
                                             lambda p, m: progress(0.9 * p, m))
     else:
         if canvas is None:
-            scale = value_scale(tiles, params.get("value_range"))
             feats = engine.encode_images(tiles, adapter, scale=scale, progress=lambda p, m: progress(0.9 * p, m))
         else:
-            scale = value_scale(canvas[None], params.get("value_range"))
             key = ("grid", adapter, scale, content_key(canvas), content_key(tiles))
             feats = engine.cache.get_or_compute(key, lambda: engine.encode_windows(
                 canvas, tiles, None, adapter, scale, lambda p, m: progress(0.9 * p, m)))
         probs_t = probabilities(feats, class_vectors(engine, classes, params))
-    probs = probs_t.cpu().numpy().astype(np.float32)
+    probs = np.full((len(keep) + len(skip), len(classes)), np.nan, dtype=np.float32)
+    probs[keep] = probs_t.float().cpu().numpy()
     k = min(params.get("top_k", 5), len(classes))
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    results = [{"index": i, "label": classes[order[i, 0]],
+    results = [{"index": i, "skipped": False, "label": classes[order[i, 0]],
                 "top": [{"label": classes[j], "score": float(probs[i, j])} for j in order[i]]}
                for i in range(len(probs))]
+    for i in skip:
+        results[i] = {"index": i, "skipped": True, "label": None, "top": []}
     out_arrays = {"probs": probs}
     if cells is not None:
         out_arrays["boxes"] = cells.astype(np.int32)
-    return {"classes": classes, "tiles": results}, out_arrays
+    return {"classes": classes, "tiles": results, "skipped": len(skip)}, out_arrays

@@ -28,10 +28,10 @@ def to_affine(transform: Optional[Sequence[float]]) -> Affine:
 
 
 def heatmap_geotiff(heatmap: np.ndarray, transform: Optional[Sequence[float]], crs: Optional[str]) -> bytes:
-    """A single-band float32 GeoTIFF (deflate, tiled when large) of ``heatmap`` in memory."""
+    """A single-band float32 GeoTIFF (deflate, tiled when large, nodata NaN) of ``heatmap`` in memory."""
     h, w = heatmap.shape
     profile: Dict[str, Any] = {
-        "driver": "GTiff", "height": h, "width": w, "count": 1, "dtype": "float32",
+        "driver": "GTiff", "height": h, "width": w, "count": 1, "dtype": "float32", "nodata": float("nan"),
         "transform": to_affine(transform), "compress": "deflate", "predictor": 3,
     }
     if h >= 256 and w >= 256:
@@ -48,7 +48,7 @@ def heatmap_geotiff(heatmap: np.ndarray, transform: Optional[Sequence[float]], c
 
 def heatmap_polygons(heatmap: np.ndarray, threshold: float, transform: Optional[Sequence[float]],
                      query: str, max_regions: int = 500) -> Dict[str, Any]:
-    """Regions where ``heatmap >= threshold`` as a GeoJSON FeatureCollection in the canvas CRS.
+    """Regions where ``heatmap >= threshold`` (never NaN pixels) as a GeoJSON FeatureCollection in the canvas CRS.
 
     Each feature carries the query, its mean and max score and its area (CRS units squared); the
     largest ``max_regions`` regions are kept.

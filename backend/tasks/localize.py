@@ -6,11 +6,18 @@
 4. Each pixel = mean score of the windows covering it (exact, see ``windows.mean_over_windows``).
 5. Min-max normalised to [0, 1], then a median filter of ``smooth`` pixels.
 
+Valid pixels (``canvas_mask``, else a 4-channel canvas's alpha; see ``masks``): windows whose valid share is
+below ``min_valid`` are not encoded and do not contribute; a pixel that is invalid, or that no kept window
+covers, is NaN; the statistics and the normalisation come from valid pixels, and the median ignores NaN.
+
 The median filter runs on block means so that its kernel is about ``SMOOTH_WORK_KERNEL`` blocks (a
 251-px median at full resolution would cost minutes on a large canvas), and is resized back bilinearly.
 All of it is computed from the exact per-pixel means on the cells of the window-edge grid, not from
 pixels: a repeat query on a large canvas costs little more than making the final map.
 Window embeddings are cached by canvas content, so a second query on the same canvas only encodes text.
+With a mask, the means are still exact on the cells; the valid pixels of each cell (and of each block of
+the smoothing) are counted from the mask on the cell grid, and only the smoothing of a mask with a kernel
+below ``SMOOTH_WORK_KERNEL`` px runs over pixels (``nan_median``).
 """
 from __future__ import annotations
 
@@ -22,23 +29,27 @@ import torch
 import torch.nn.functional as F
 
 from shared_protocol import ErrorCode, ProtocolError
+from shared_protocol.defaults import MIN_VALID_SHARE
 from shared_protocol.ops import SMOOTH_WORK_KERNEL
 
 from ..cache import content_key
 from ..engine import Engine, Progress
 from ..models.preprocess import value_scale
+from .masks import box_shares, interval_counts, no_valid_pixels, valid_pixels
 from .windows import cell_means, cells_to_pixels, selo_windows
 
 
 @dataclass(frozen=True)
 class CanvasRef:
-    """A localize request's canvas: its id (content key), size and value scale, and its pixels unless the
-    request named a canvas the server holds (``canvas_id``) instead of sending it."""
+    """A localize request's canvas: its id (content key of the pixels and the mask), size, value scale and
+    valid pixels (None: all), and its pixels unless the request named a canvas the server holds
+    (``canvas_id``) instead of sending it."""
     key: str
     height: int
     width: int
     scale: Tuple[float, float]
     pixels: Optional[np.ndarray] = None
+    valid: Optional[np.ndarray] = None
 
 
 def canvas_unknown(key: str) -> ProtocolError:
@@ -46,14 +57,20 @@ def canvas_unknown(key: str) -> ProtocolError:
                          {"reason": "canvas_unknown", "canvas_id": key})
 
 
-def resolve_canvas(engine: Engine, canvas: Optional[np.ndarray], params: Dict[str, Any]) -> CanvasRef:
-    """The request's canvas: the array sent, or the one its ``canvas_id`` names (remembered in the cache)."""
+def resolve_canvas(engine: Engine, canvas: Optional[np.ndarray], params: Dict[str, Any],
+                   mask: Optional[np.ndarray] = None) -> CanvasRef:
+    """The request's canvas (and ``mask``, its ``canvas_mask``): the arrays sent, or the canvas and mask its
+    ``canvas_id`` names (remembered in the cache, the mask as bits)."""
     value_range = params.get("value_range")
     held_key = ("canvas", tuple(value_range) if value_range else None)
     if canvas is not None:
-        ref = CanvasRef(content_key(canvas), canvas.shape[0], canvas.shape[1],
-                        value_scale(canvas[None], value_range), canvas)
-        engine.cache.put(held_key + (ref.key,), (ref.height, ref.width, ref.scale))
+        valid = valid_pixels({"canvas": canvas, "canvas_mask": mask}, "canvas")
+        key = content_key(canvas) if valid is None else content_key(canvas, valid)
+        ref = CanvasRef(key, canvas.shape[0], canvas.shape[1],
+                        value_scale(canvas[None], value_range, None if valid is None else valid[None]), canvas,
+                        valid)
+        bits = None if valid is None else np.packbits(valid)
+        engine.cache.put(held_key + (ref.key,), (ref.height, ref.width, ref.scale, bits))
         return ref
     key = params.get("canvas_id")
     if key is None:
@@ -62,23 +79,30 @@ def resolve_canvas(engine: Engine, canvas: Optional[np.ndarray], params: Dict[st
     held = engine.cache.get(held_key + (key,))
     if held is None:
         raise canvas_unknown(key)
-    return CanvasRef(key, *held)
+    h, w, scale, bits = held
+    valid = None if bits is None else np.unpackbits(bits, count=h * w).reshape(h, w).astype(bool)
+    return CanvasRef(key, h, w, scale, None, valid)
 
 
 def window_embeddings(engine: Engine, canvas: CanvasRef, sizes: Sequence[int], crop_size: Optional[int],
-                      adapter: Optional[str], progress: Progress) -> Tuple[np.ndarray, torch.Tensor]:
-    """All SeLo windows of the canvas and their embeddings, cached per canvas, window size and settings.
+                      adapter: Optional[str], progress: Progress, min_valid: float = MIN_VALID_SHARE
+                      ) -> Tuple[np.ndarray, torch.Tensor]:
+    """The SeLo windows of the canvas with a valid share of at least ``min_valid`` and their embeddings, cached
+    per canvas (and mask), window size and settings.
 
     The sizes not in the cache are encoded in one go, so that their windows share the model's batches.
     """
     h, w = canvas.height, canvas.width
-    keys = {int(s): ("windows", adapter, canvas.key, canvas.scale, crop_size, int(s)) for s in sizes}
+    kept_by = None if canvas.valid is None else min_valid  # which windows are kept depends on it with a mask
+    keys = {int(s): ("windows", adapter, canvas.key, canvas.scale, crop_size, int(s), kept_by) for s in sizes}
     found = {s: engine.cache.get(k) for s, k in keys.items()}
     missing = [s for s, v in found.items() if v is None]
     if missing:
         if canvas.pixels is None:  # named by id, and these windows were never encoded or were evicted
             raise canvas_unknown(canvas.key)
         boxes = [selo_windows(h, w, s) for s in missing]
+        if canvas.valid is not None:
+            boxes = [b[box_shares(canvas.valid, b) >= min_valid] for b in boxes]
         feats = engine.encode_windows(canvas.pixels, np.concatenate(boxes), crop_size, adapter, canvas.scale,
                                       lambda p, m: progress(0.95 * p, m))
         for s, b, f in zip(missing, boxes, torch.split(feats, [len(b) for b in boxes])):
@@ -90,10 +114,10 @@ def window_embeddings(engine: Engine, canvas: CanvasRef, sizes: Sequence[int], c
 
 
 def normalize_minmax(h: np.ndarray) -> np.ndarray:
-    """(h - min) / (max - min) as float32; all zeros for a constant map."""
-    lo, hi = float(h.min()), float(h.max())
+    """(h - min) / (max - min) as float32 over the finite values (NaN stays NaN); zeros for a constant map."""
+    lo, hi = float(np.nanmin(h)), float(np.nanmax(h))
     if hi - lo <= 1e-12:
-        return np.zeros_like(h, dtype=np.float32)
+        return np.where(np.isnan(h), np.nan, 0.0).astype(np.float32)
     return ((h - lo) / (hi - lo)).astype(np.float32)
 
 
@@ -175,14 +199,18 @@ def _runs(rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def render(cells: np.ndarray, ys: np.ndarray, xs: np.ndarray, height: int, width: int, kernel: int,
-           device: torch.device) -> np.ndarray:
+           device: torch.device, valid: Optional[np.ndarray] = None) -> np.ndarray:
     """Q x H x W float32 pixels of a map given on cells (``windows.cell_means``), median-smoothed.
 
     A ``kernel`` of ``SMOOTH_WORK_KERNEL`` px or more is applied to block means (``smooth_block`` px, blocks
     aligned to the canvas origin, computed from the cells without going through pixels), and the result is
     resized back bilinearly; smaller kernels are medians over pixels. Both medians work on runs of equal
     rows and columns (``run_median``), on ``device``, as does the resize.
+
+    With ``valid`` (H x W bool) or NaN cells (no valid pixel, no window), see :func:`render_valid`.
     """
+    if valid is not None or np.isnan(cells).any():
+        return render_valid(cells, ys, xs, height, width, kernel, device, valid)
     if kernel <= 1:
         return cells_to_pixels(cells, ys, xs, height, width)
     block = smooth_block(kernel)
@@ -197,30 +225,118 @@ def render(cells: np.ndarray, ys: np.ndarray, xs: np.ndarray, height: int, width
     return up[:, :height, :width].contiguous().cpu().numpy()  # (cropped: contiguous before the copy out)
 
 
-def localize(engine: Engine, canvas: Union[np.ndarray, CanvasRef, None], params: Dict[str, Any],
-             progress: Progress) -> Tuple[np.ndarray, Dict[str, Any]]:
-    """Heatmaps (Q x H x W float32) and per-query statistics, with the canvas's ``canvas_id``.
+def nan_median(values: torch.Tensor, size: int, max_elements: int = 1 << 24) -> torch.Tensor:
+    """``size`` x ``size`` median of a Q x R x C map ignoring NaN (edges replicated; of an even count, the lower
+    middle value, as ``run_median`` picks); NaN where the whole window is NaN."""
+    r = size // 2
+    q, rows, cols = values.shape
+    padded = F.pad(values[None], (r, r, r, r), mode="replicate")[0]
+    out = torch.empty_like(values)
+    step = max(1, max_elements // max(1, q * cols * size * size))
+    for a in range(0, rows, step):
+        b = min(a + step, rows)
+        win = padded[:, a:b + 2 * r].unfold(1, size, 1).unfold(2, size, 1)  # Q x (b - a) x C x size x size
+        out[:, a:b] = win.reshape(q, b - a, cols, size * size).nanmedian(dim=-1).values
+    return out
 
-    ``canvas`` is the H x W x C array, or None with ``params["canvas_id"]`` naming a canvas sent before.
-    Everything after the window scores is computed on the cells of the window-edge grid (exact per-pixel
-    means, their range and mean, the normalisation, the smoothing's block means): only the final map is
-    made at full resolution.
+
+def _valid_block_means(cells: np.ndarray, ys: np.ndarray, xs: np.ndarray, valid: np.ndarray,
+                       block: int) -> np.ndarray:
+    """Q x By x Bx means of the valid pixels of each ``block`` px block (NaN: none), exact from the cells.
+
+    The map is padded to whole blocks by repeating its last row (column), as :func:`render` does. The blocks
+    and cells split the canvas into sub-cells, each in one cell and one block: their valid pixels are
+    counted from the mask (``masks.interval_counts``), and each block's mean is the sub-cells' weighted mean.
     """
-    ref = canvas if isinstance(canvas, CanvasRef) else resolve_canvas(engine, canvas, params)
+    h, w = valid.shape
+    hp, wp = h + (-h) % block, w + (-w) % block
+    padded = np.pad(valid, ((0, hp - h), (0, wp - w)), mode="edge") if (hp, wp) != (h, w) else valid
+    sub, cell, first = [], [], []
+    for edges, size in ((ys, hp), (xs, wp)):
+        starts = np.union1d(edges[:-1], np.arange(0, size, block))  # all below the canvas size
+        sub.append(np.append(starts, size))
+        cell.append(np.searchsorted(edges, starts, side="right") - 1)
+        first.append(np.searchsorted(starts, np.arange(0, size, block)))  # each block's first sub-cell
+    values = cells[:, cell[0]][:, :, cell[1]].astype(np.float64)  # Q x Sy x Sx
+    weights = interval_counts(padded, sub[0], sub[1]).astype(np.float64) * ~np.isnan(values[0])
+    values = np.nan_to_num(values) * weights
+
+    def block_sums(a: np.ndarray) -> np.ndarray:
+        return np.add.reduceat(np.add.reduceat(a, first[1], axis=-1), first[0], axis=-2)
+    total = block_sums(weights)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, block_sums(values) / total, np.nan).astype(np.float32)
+
+
+def render_valid(cells: np.ndarray, ys: np.ndarray, xs: np.ndarray, height: int, width: int, kernel: int,
+                 device: torch.device, valid: Optional[np.ndarray] = None) -> np.ndarray:
+    """:func:`render` for a map with invalid pixels (``valid``, H x W bool; None: all valid) and NaN cells
+    (cells with no valid pixel or no window): NaN there, and the smoothing never lets them pull valid pixels.
+
+    The median ignores NaN (``nan_median``); with blocks, each block is the mean of its valid pixels (exact
+    from the cells) and the bilinear resize is normalised by the finite blocks it draws on.
+    """
+    if valid is None:
+        valid = np.ones((height, width), dtype=bool)
+    bad = ~valid | cells_to_pixels(np.isnan(cells[:1]), ys, xs, height, width)[0]
+    block = smooth_block(kernel)
+    if kernel <= 1 or block == 1:
+        out = cells_to_pixels(cells, ys, xs, height, width)
+        out[:, bad] = np.nan
+        if kernel > 1:
+            out = nan_median(torch.from_numpy(out).to(device), kernel).cpu().numpy()
+    else:
+        small = torch.from_numpy(_valid_block_means(cells, ys, xs, valid, block)).to(device)
+        small = nan_median(small, block_kernel(kernel))
+        finite = torch.isfinite(small)
+
+        def up(t: torch.Tensor) -> torch.Tensor:
+            t = F.interpolate(t[:, None], scale_factor=block, mode="bilinear", align_corners=False)[:, 0]
+            return t[:, :height, :width]
+        with np.errstate(invalid="ignore"):
+            out = (up(torch.where(finite, small, 0.0)) / up(finite.float())).cpu().numpy()
+    out[:, bad] = np.nan
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def valid_cell_pixels(cells: np.ndarray, ys: np.ndarray, xs: np.ndarray, valid: Optional[np.ndarray]
+                      ) -> np.ndarray:
+    """Ny x Nx valid pixels of each cell that some window covers (0 for the others)."""
+    counts = (np.outer(np.diff(ys), np.diff(xs)) if valid is None else interval_counts(valid, ys, xs))
+    return np.where(np.isnan(cells[0]), 0, counts).astype(np.float64)
+
+
+def localize(engine: Engine, canvas: Union[np.ndarray, CanvasRef, None], params: Dict[str, Any],
+             progress: Progress, mask: Optional[np.ndarray] = None) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """Heatmaps (Q x H x W float32, NaN where invalid) and per-query statistics, with the canvas's ``canvas_id``.
+
+    ``canvas`` is the H x W x C array (with ``mask``, its ``canvas_mask``), or None with ``params["canvas_id"]``
+    naming a canvas sent before. Everything after the window scores is computed on the cells of the
+    window-edge grid (exact per-pixel means, their range and mean over valid pixels, the normalisation, the
+    smoothing's block means): only the final map is made at full resolution.
+    """
+    ref = canvas if isinstance(canvas, CanvasRef) else resolve_canvas(engine, canvas, params, mask)
     h, w = ref.height, ref.width
     adapter = params.get("adapter")
     sizes = sorted(set(int(s) for s in params["window_sizes"]))
-    boxes, feats = window_embeddings(engine, ref, sizes, params.get("crop_size"), adapter, progress)
+    boxes, feats = window_embeddings(engine, ref, sizes, params.get("crop_size"), adapter, progress,
+                                     params.get("min_valid", MIN_VALID_SHARE))
+    if not len(boxes):
+        raise no_valid_pixels("localize")
     texts = engine.encode_texts(params["queries"], adapter)
     scores = (feats @ texts.T).float().cpu().numpy()  # windows x queries
-    cells, ys, xs = cell_means(boxes, scores, h, w)
-    area = np.outer(np.diff(ys), np.diff(xs)).astype(np.float64)
+    cells, ys, xs = cell_means(boxes, scores, h, w)  # NaN on cells no kept window covers
+    weight = valid_cell_pixels(cells, ys, xs, ref.valid)
+    if not weight.any():
+        raise no_valid_pixels("localize")
+    cells[:, weight == 0] = np.nan  # cells without a valid pixel say nothing
     stats: List[Dict[str, Any]] = []
     for q in range(cells.shape[0]):
-        stats.append({"query": params["queries"][q], "score_min": float(cells[q].min()),
-                      "score_max": float(cells[q].max()), "score_mean": float((cells[q] * area).sum() / (h * w))})
+        stats.append({"query": params["queries"][q], "score_min": float(np.nanmin(cells[q])),
+                      "score_max": float(np.nanmax(cells[q])),
+                      "score_mean": float(np.nansum(cells[q] * weight) / weight.sum())})
         if params.get("normalize", True):
             cells[q] = normalize_minmax(cells[q])
-    out = render(cells, ys, xs, h, w, int(params.get("smooth", 0)), engine.device)
+    out = render(cells, ys, xs, h, w, int(params.get("smooth", 0)), engine.device, ref.valid)
     progress(1.0, "heatmaps ready")
     return out, {"windows": int(len(boxes)), "window_sizes": sizes, "queries": stats, "canvas_id": ref.key}

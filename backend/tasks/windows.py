@@ -51,7 +51,7 @@ def cell_means(boxes: np.ndarray, scores: np.ndarray, height: int, width: int
 
     Every pixel of a cell between consecutive edges (``ys`` x ``xs``, from 0 to the canvas size) is covered
     by the same windows, so the per-pixel mean is exact on the cells: (Q x Ny x Nx float32, ys, xs), by a
-    2-D difference array, O(windows + cells). Cells no window covers get 0.
+    2-D difference array, O(windows + cells). Cells no window covers are NaN.
     """
     scores = np.asarray(scores, dtype=np.float64).reshape(len(boxes), -1)
     xs = np.unique(np.concatenate([boxes[:, [0, 2]].ravel(), [0, width]]))
@@ -65,7 +65,7 @@ def cell_means(boxes: np.ndarray, scores: np.ndarray, height: int, width: int
         np.add.at(diff, (slice(None), yy, xx), sign * values)
     sums = diff.cumsum(axis=1).cumsum(axis=2)[:, :-1, :-1]
     counts = sums[-1]
-    means = np.divide(sums[:-1], counts, out=np.zeros_like(sums[:-1]), where=counts > 0).astype(np.float32)
+    means = np.divide(sums[:-1], counts, out=np.full_like(sums[:-1], np.nan), where=counts > 0).astype(np.float32)
     return means, ys, xs
 
 
@@ -80,5 +80,5 @@ def cells_to_pixels(cells: np.ndarray, ys: np.ndarray, xs: np.ndarray, height: i
 
 
 def mean_over_windows(boxes: np.ndarray, scores: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Each pixel = mean score of the windows covering it, for Q score columns -> Q x H x W float32."""
+    """Each pixel = mean score of the windows covering it, for Q score columns -> Q x H x W float32 (NaN: none)."""
     return cells_to_pixels(*cell_means(boxes, scores, height, width), height, width)

@@ -30,9 +30,15 @@ def test_corrupt_geotiff_is_a_clear_error(live_server, tmp_path, data_dir):
     assert loc.returncode == 1 and not (tmp_path / "h.tif").exists()
 
 
-def test_all_nodata_raster_answers_with_a_warning(live_server, tmp_path):
-    blank = _write(tmp_path / "blank.tif", np.zeros((3, 300, 300), np.uint8),
-                   Affine(10, 0, 500000, 0, -10, 4000000), "EPSG:32618", nodata=0)
+def test_all_nodata_raster_is_a_clear_error_and_a_blank_one_a_warning(live_server, tmp_path):
+    nodata = _write(tmp_path / "nodata.tif", np.zeros((3, 300, 300), np.uint8),
+                    Affine(10, 0, 500000, 0, -10, 4000000), "EPSG:32618", nodata=0)
+    out = run_cli("localize", "--connect", live_server.address, "--query", "a river", "--window-sizes", "128",
+                  "--smooth", "0", "--json", "--out", str(tmp_path / "h.tif"), str(nodata))
+    assert out.returncode == 1 and "no window has enough valid pixels" in out.stderr, out.stderr
+    assert not (tmp_path / "h.tif").exists()
+    blank = _write(tmp_path / "blank.tif", np.full((3, 300, 300), 7, np.uint8),
+                   Affine(10, 0, 500000, 0, -10, 4000000), "EPSG:32618")  # no nodata: valid, but one value
     out = run_cli("localize", "--connect", live_server.address, "--query", "a river", "--window-sizes", "128",
                   "--smooth", "0", "--json", "--out", str(tmp_path / "h.tif"), str(blank))
     assert out.returncode == 0, out.stderr
