@@ -34,8 +34,8 @@ def read_image(path: PathLike) -> Image:
     """PNG/JPEG through Pillow, GeoTIFF (and anything GDAL reads) through rasterio, as H x W x C.
 
     A raster's affine (rotated ones too) and CRS are kept, so outputs land where the input is. Its first
-    three bands (or its first, with fewer than three) are read, and its valid pixels from GDAL's mask
-    (``dataset_mask``: nodata values, an alpha band or an internal mask; non-finite values too). Rasters
+    three bands (or its first, with fewer than three) are read, and its valid pixels (``_valid_pixels``:
+    nodata values, an alpha band or an internal mask; non-finite values too). Rasters
     that are neither 8- nor 16-bit are stretched min-max over their valid pixels to uint16. A PNG's alpha
     stays its 4th channel (which the backend reads as the mask).
     """
@@ -54,7 +54,7 @@ def read_image(path: PathLike) -> Image:
     try:
         with rasterio.open(path) as ds:
             data = ds.read(list(range(1, (3 if ds.count >= 3 else 1) + 1)))
-            valid = ds.dataset_mask() != 0
+            valid = _valid_pixels(ds)
             transform = list(ds.transform)[:6]
             crs = ds.crs.to_string() if ds.crs else None
     except rasterio.errors.RasterioIOError as exc:
@@ -68,6 +68,15 @@ def read_image(path: PathLike) -> Image:
         data = data.astype(np.uint16)
     mask = None if valid.all() else valid.astype(np.uint8)
     return Image(str(path), np.ascontiguousarray(data.transpose(1, 2, 0)), transform, crs, mask)
+
+
+def _valid_pixels(ds) -> np.ndarray:
+    """H x W bool: where an alpha band is non-zero, else where GDAL's ``dataset_mask`` (nodata values, an
+    internal mask) is. Not ``dataset_mask`` for alpha: GDAL scales a 16-bit alpha band to 8 bits, so a 16-bit
+    raster's 0-255 alpha would read as all transparent."""
+    from rasterio.enums import ColorInterp
+    alpha = [i for i, c in enumerate(ds.colorinterp) if c == ColorInterp.alpha]
+    return ds.read(alpha[0] + 1) != 0 if alpha else ds.dataset_mask() != 0
 
 
 def square_tile(image: Image, size: int) -> Tuple[np.ndarray, np.ndarray]:

@@ -48,11 +48,19 @@ def test_all_nodata_raster_is_a_clear_error_and_a_blank_one_a_warning(live_serve
 
 
 def test_16_bit_raster_with_alpha(live_server, data_dir):
-    out = run_cli("classify", "--connect", live_server.address, "--class", "a", "--class", "b", "--json",
-                  str(data_dir / "RGBA.uint16.tif"))
+    path = data_dir / "RGBA.uint16.tif"
+    with rasterio.open(path) as ds:
+        share = float((ds.read(4) != 0).mean())
+    assert 0.45 < share < 0.5  # its alpha band leaves less than half valid: skipped at the default 50 %
+    out = run_cli("classify", "--connect", live_server.address, "--class", "a", "--class", "b", "--json", str(path))
     assert out.returncode == 0, out.stderr
-    probs = json.loads(out.stdout)["tiles"][0]["probs"]
-    assert abs(sum(probs.values()) - 1) < 1e-5
+    tile = json.loads(out.stdout)["tiles"][0]
+    assert tile["skipped"] and tile["probs"] is None and tile["top"] == []
+    out = run_cli("classify", "--connect", live_server.address, "--class", "a", "--class", "b", "--json",
+                  "--min-valid", "0.45", str(path))
+    assert out.returncode == 0, out.stderr
+    tile = json.loads(out.stdout)["tiles"][0]
+    assert not tile["skipped"] and abs(sum(tile["probs"].values()) - 1) < 1e-5
 
 
 def test_raster_without_crs_keeps_its_grid_and_says_so(live_server, tmp_path):
