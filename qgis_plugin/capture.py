@@ -23,7 +23,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import PluginError
-from .masks import alpha_bands, band_invalid, combine, image_alpha
+from .masks import alpha_bands, band_invalid, combine, footprints, image_alpha
 
 Transform = Tuple[float, float, float, float, float, float]
 DEFAULT_MAX_SIDE = 8192
@@ -207,8 +207,11 @@ def render(ms, source: str = "render") -> Capture:
 
 
 def capture_from_image(image, ms, source: str = "render") -> Capture:
+    """The rendered image of ``ms`` as a capture; its mask: where the layers drew something, within their
+    footprints (main thread, or a script)."""
     authid, wkt = crs_strings(ms.destinationCrs())
-    return Capture(image_to_array(image), transform_of(ms), wkt, authid, source, mask=image_alpha(image))
+    cap = Capture(image_to_array(image), transform_of(ms), wkt, authid, source, mask=image_alpha(image))
+    return cap.restrict(footprints(ms.layers()))
 
 
 def render_extent(layers: Sequence, extent, crs, resolution: float, **kw) -> Capture:
@@ -260,12 +263,13 @@ class RasterSource:
     height: int
     crs: Any
     name: str
+    footprint: Any = None  # masks.AreaOfInterest of a rotated raster's footprint (None: its extent)
 
     @classmethod
     def of(cls, layer) -> "RasterSource":
         from qgis.core import QgsCoordinateReferenceSystem, QgsRectangle
         return cls(layer.dataProvider().clone(), QgsRectangle(layer.extent()), int(layer.width()),
-                   int(layer.height()), QgsCoordinateReferenceSystem(layer.crs()), layer.name())
+                   int(layer.height()), QgsCoordinateReferenceSystem(layer.crs()), layer.name(), footprints([layer]))
 
 
 def read_bands(layer, bands: Optional[Sequence[int]] = None, extent=None, resolution: Optional[float] = None,
@@ -314,8 +318,10 @@ def read_bands(layer, bands: Optional[Sequence[int]] = None, extent=None, resolu
     for b in alpha_bands(provider):
         invalid |= block_to_array(provider.block(b, ext, w, h)) == 0
     mask = (~invalid).astype(np.uint8)
+    if src.footprint is not None:
+        mask = combine(mask, src.footprint.mask(transform, h, w, src.crs))
     notes: List[str] = []
     pixels = to_wire(np.stack(arrays, axis=2), notes, mask)
-    pixels[invalid] = 0  # like a rendering: nothing where there is no data
+    pixels[mask == 0] = 0  # like a rendering: nothing where there is no data
     authid, wkt = crs_strings(src.crs)
     return Capture(pixels, transform, wkt, authid, f"bands {bands} of {src.name}", notes, mask)

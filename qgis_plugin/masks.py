@@ -85,6 +85,46 @@ def image_alpha(image) -> np.ndarray:
     return (rows[:, :img.width()] > 0).astype(np.uint8)
 
 
+def rotated_footprint(layer) -> Optional[bytes]:
+    """The polygon (WKB, layer CRS) a GDAL raster with a rotated geotransform covers; ``None`` for north-up ones
+    (their footprint is their extent). QGIS draws a rotated raster through a warped VRT whose corners outside the
+    footprint hold 0 and are not nodata, so captures cut them off with this polygon."""
+    from qgis.core import QgsProviderRegistry
+    if layer.providerType() != "gdal":
+        return None
+    from osgeo import gdal, ogr
+    path = QgsProviderRegistry.instance().decodeUri("gdal", layer.source()).get("path") or layer.source()
+    ds = gdal.Open(path)
+    if ds is None:
+        return None
+    c, a, b, f, d, e = ds.GetGeoTransform()
+    if b == 0 and d == 0:
+        return None
+    w, h = ds.RasterXSize, ds.RasterYSize
+    ring = ogr.Geometry(ogr.wkbLinearRing)
+    for col, row in ((0, 0), (w, 0), (w, h), (0, h), (0, 0)):
+        ring.AddPoint_2D(c + a * col + b * row, f + d * col + e * row)
+    poly = ogr.Geometry(ogr.wkbPolygon)
+    poly.AddGeometry(ring)
+    return bytes(poly.ExportToWkb())
+
+
+def footprints(layers: Sequence) -> Optional["AreaOfInterest"]:
+    """The area the raster ``layers`` cover (their extents, rotated footprints where they have one), or ``None``
+    when none is rotated (then the rendered alpha alone tells where they drew)."""
+    from qgis.core import QgsCoordinateReferenceSystem, QgsGeometry, QgsProject
+    shapes = [(lyr, rotated_footprint(lyr)) for lyr in layers]
+    if not any(fp for _, fp in shapes):
+        return None
+    crs = QgsCoordinateReferenceSystem(layers[0].crs())
+    ctx = QgsProject.instance().transformContext()
+    wkbs = []
+    for lyr, fp in shapes:
+        one = AreaOfInterest([fp or bytes(QgsGeometry.fromRect(lyr.extent()).asWkb())], lyr.crs(), ctx)
+        wkbs += one.wkbs_in(crs)
+    return AreaOfInterest(wkbs, crs, ctx, "footprint")
+
+
 def rasterize(wkbs: Sequence[bytes], transform: Sequence[float], height: int, width: int) -> np.ndarray:
     """A mask of the pixels whose centre lies inside any of the polygons (WKB, in the grid's CRS) on the grid of
     the affine ``transform`` (rasterio order; rotated affines work too)."""
