@@ -35,6 +35,36 @@ from .tools.classify import ClassifyParams, ClassifyProcessor
 from .tools.localize import LocalizeParams, LocalizeProcessor
 from .tools.search import SearchParams, SearchProcessor
 
+def clipped_labels(root: QWidget) -> List[str]:
+    """The texts of the visible labels under ``root`` that do not fit their size (the layout check for small
+    screens, run by the tests and the desktop screenshot test)."""
+    out = []
+    for label in root.findChildren(QLabel):
+        if not label.isVisibleTo(root) or not label.text():
+            continue
+        if label.wordWrap():
+            need_w, need_h = label.minimumSizeHint().width(), label.heightForWidth(label.width())
+        else:
+            need_w, need_h = label.sizeHint().width(), label.sizeHint().height()
+        cut = False  # a scroll area without a horizontal scroll bar cuts what reaches past its right edge
+        parent = label.parentWidget()
+        while parent is not None and parent is not root.parentWidget():
+            if isinstance(parent, QScrollArea) and parent.horizontalScrollBarPolicy() == Qt.ScrollBarAlwaysOff:
+                right = label.mapTo(parent.viewport(), label.rect().topRight()).x()
+                cut = cut or right >= parent.viewport().width()
+            parent = parent.parentWidget()
+        if cut or label.width() < need_w or label.height() < need_h:
+            out.append(label.text())
+    return out
+
+
+def breakable(text: str) -> str:
+    """``text`` with line-break opportunities after path separators (long file names wrap in a narrow dock)."""
+    for sep in "/\\_-.":
+        text = text.replace(sep, sep + "\u200b")
+    return text
+
+
 SOURCES = [("view", "Map view (rendered)"), ("layer", "Layer extent (rendered)"),
            ("bands", "Raw bands of a raster layer")]
 POLL_MS = 4000
@@ -370,7 +400,8 @@ class MapQueryDock(QDockWidget):
         self.status_label.setText(f"<b style='color:#2a7d2a'>connected</b> to {self.manager.settings.address} "
                                   f"(backend {d['backend_version']})")
         self.model_label.setText(d["model"])
-        self.weights_label.setText(d["weights"])
+        self.weights_label.setText(breakable(d["weights"]))
+        self.weights_label.setToolTip(d["weights"])
         self.device_label.setText(d["device"])
         self.protocol_label.setText(d["protocol"])
         names = [a.get("name") for a in info.get("adapters") or []]
