@@ -113,6 +113,8 @@ class MapQueryDock(QDockWidget):
         scroll.setFrameShape(QFrame.NoFrame)
         scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
         scroll.setWidget(body)
+        # it scrolls only vertically, so it never gets narrower than its content
+        scroll.setMinimumWidth(body.minimumSizeHint().width() + scroll.verticalScrollBar().sizeHint().width())
         self.setWidget(scroll)
         project = QgsProject.instance()
         project.layersAdded.connect(self.refresh_imagery)

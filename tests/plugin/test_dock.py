@@ -280,7 +280,7 @@ def test_captures_draw_only_the_chosen_imagery(plugin, project, tmp_path):
     for tool in ("classify", "search", "localize"):
         seen = len(iface.bar.messages)
         dock.run_tool(tool)
-        spin(lambda: len(iface.bar.messages) > seen and dock.active is None)
+        spin(lambda seen=seen: len(iface.bar.messages) > seen and dock.active is None)
     outputs = [lyr for lyr in project.mapLayers().values() if lyr.customProperty("mapquery_rs/output")]
     assert len(outputs) == 3
     iface.canvas.setLayers(outputs + [overlay, layer])  # the canvas shows everything on top of the raster
