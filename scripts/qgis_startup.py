@@ -37,8 +37,8 @@ def _layout():
 
 def _finish(ok, error=""):
     result = {"ok": ok, "error": error, "log": _state["log"],
-              "layers": [l.name() for l in QgsProject.instance().mapLayers().values()],
-              "sources": {l.name(): l.source() for l in QgsProject.instance().mapLayers().values()},
+              "layers": [lyr.name() for lyr in QgsProject.instance().mapLayers().values()],
+              "sources": {lyr.name(): lyr.source() for lyr in QgsProject.instance().mapLayers().values()},
               "groups": [g.name() for g in QgsProject.instance().layerTreeRoot().children()
                          if isinstance(g, QgsLayerTreeGroup)], **_layout()}
     path = os.environ.get("MAPQUERY_RESULT")
