@@ -6,7 +6,11 @@ Two ways to get pixels:
   the screen's DPI: the output size is ``extent / resolution`` pixels and the transform comes from the
   map settings actually used, so pixel ``(col, row)`` corner maps to ``x = c + a*col``, ``y = f + e*row``.
 * :func:`read_bands` reads raw band values of a raster layer (uint8/uint16 kept, other types scaled to
-  uint16), at the raster's own grid or a chosen resolution.
+  uint16 from their valid pixels), at the raster's own grid or a chosen resolution.
+
+Every capture carries a valid-pixel mask (:mod:`masks`): where nothing was drawn (outside the rendered
+rasters' footprint, their nodata, alpha 0), or the read bands' nodata / alpha; :meth:`Capture.restrict`
+adds an area of interest.
 
 Transforms are affines in rasterio order ``[a, b, c, d, e, f]`` (what the protocol sends).
 """
@@ -19,6 +23,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import PluginError
+from .masks import alpha_bands, band_invalid, combine, footprints, image_alpha
 
 Transform = Tuple[float, float, float, float, float, float]
 DEFAULT_MAX_SIDE = 8192
@@ -34,6 +39,7 @@ class Capture:
     crs_authid: str = ""
     source: str = "render"
     notes: List[str] = field(default_factory=list)
+    mask: Optional[np.ndarray] = None  # uint8 H x W, non-zero = valid; None = every pixel is valid
 
     @property
     def height(self) -> int:
@@ -61,7 +67,7 @@ class Capture:
 
     def extent(self) -> Tuple[float, float, float, float]:
         """(xmin, ymin, xmax, ymax) of the whole capture."""
-        xs, ys = zip(*self.box_to_map(0, 0, self.width, self.height))
+        xs, ys = zip(*self.box_to_map(0, 0, self.width, self.height), strict=True)
         return min(xs), min(ys), max(xs), max(ys)
 
     def rgb(self) -> np.ndarray:
@@ -70,6 +76,16 @@ class Capture:
         if px.shape[2] == 1:
             return np.repeat(px, 3, axis=2)
         return px[:, :, :3]
+
+    def valid(self) -> np.ndarray:
+        """The mask as booleans (all True without one)."""
+        return np.ones((self.height, self.width), bool) if self.mask is None else self.mask.astype(bool)
+
+    def restrict(self, aoi) -> "Capture":
+        """Only the pixels inside the area of interest ``aoi`` (:class:`masks.AreaOfInterest`) stay valid."""
+        if aoi is not None:
+            self.mask = combine(self.mask, aoi.mask(self.transform, self.height, self.width, self.qgs_crs()))
+        return self
 
     def qgs_crs(self):
         from qgis.core import QgsCoordinateReferenceSystem
@@ -127,9 +143,12 @@ def layer_extent_in(layer, crs, project=None):
     return xform.transformBoundingBox(layer.extent())
 
 
-def map_settings(layers: Sequence, extent, crs, resolution: float, *, background=(0, 0, 0),
+def map_settings(layers: Sequence, extent, crs, resolution: float, *, background=(0, 0, 0, 0),
                  max_side: int = DEFAULT_MAX_SIDE):
     """``QgsMapSettings`` for rendering ``extent`` at ``resolution`` map units per pixel, 96 dpi, no rotation.
+
+    The background is transparent, so that the rendered alpha tells where the layers drew something (the
+    capture's mask); the pixels are the layers composited onto black.
 
     The extent is anchored at its top-left corner and grown to a whole number of pixels, so the map
     settings never have to stretch it (pixels stay square and exactly ``resolution`` wide).
@@ -166,7 +185,7 @@ def transform_of(ms) -> Transform:
 
 
 def image_to_array(image) -> np.ndarray:
-    """A ``QImage`` as an H x W x 3 uint8 RGB array (alpha composited onto the image's background)."""
+    """A ``QImage`` as an H x W x 3 uint8 RGB array (premultiplied alpha: composited onto black)."""
     from qgis.PyQt.QtGui import QImage
     img = image.convertToFormat(QImage.Format_RGB888)
     ptr = img.constBits()
@@ -188,8 +207,11 @@ def render(ms, source: str = "render") -> Capture:
 
 
 def capture_from_image(image, ms, source: str = "render") -> Capture:
+    """The rendered image of ``ms`` as a capture; its mask: where the layers drew something, within their
+    footprints (main thread, or a script)."""
     authid, wkt = crs_strings(ms.destinationCrs())
-    return Capture(image_to_array(image), transform_of(ms), wkt, authid, source)
+    cap = Capture(image_to_array(image), transform_of(ms), wkt, authid, source, mask=image_alpha(image))
+    return cap.restrict(footprints(ms.layers()))
 
 
 def render_extent(layers: Sequence, extent, crs, resolution: float, **kw) -> Capture:
@@ -211,25 +233,22 @@ def _dtype_of(block) -> np.dtype:
 
 
 def block_to_array(block) -> np.ndarray:
-    """A ``QgsRasterBlock`` as a 2-D numpy array (no-data cells set to 0)."""
+    """A ``QgsRasterBlock`` as a 2-D numpy array (values as stored; see :func:`masks.band_invalid`)."""
     dtype = _dtype_of(block)
-    arr = np.frombuffer(bytes(block.data()), dtype=dtype).reshape(block.height(), block.width()).copy()
-    if block.hasNoDataValue() or block.hasNoData():
-        nodata = np.array([[block.isNoData(r, c) for c in range(block.width())] for r in range(block.height())]) \
-            if not block.hasNoDataValue() else (arr == dtype.type(block.noDataValue()))
-        arr[nodata] = 0
-    return arr
+    return np.frombuffer(bytes(block.data()), dtype=dtype).reshape(block.height(), block.width()).copy()
 
 
-def to_wire(bands: np.ndarray, notes: List[str]) -> np.ndarray:
-    """H x W x C of any numeric type -> uint8/uint16 (other types scaled by the 2nd-98th percentile)."""
+def to_wire(bands: np.ndarray, notes: List[str], valid: Optional[np.ndarray] = None) -> np.ndarray:
+    """H x W x C of any numeric type -> uint8/uint16 (other types scaled by the 2nd-98th percentile of the valid
+    pixels; invalid ones become 0)."""
     if bands.dtype in (np.uint8, np.uint16):
         return np.ascontiguousarray(bands)
-    finite = bands[np.isfinite(bands)]
+    ok = np.isfinite(bands) & (True if valid is None else valid.astype(bool)[..., None])
+    finite = bands[ok]
     lo, hi = (np.percentile(finite, (2, 98)) if finite.size else (0.0, 1.0))
     hi = hi if hi > lo else lo + 1.0
     notes.append(f"{bands.dtype} bands scaled to uint16 from [{lo:.6g}, {hi:.6g}]")
-    scaled = np.clip((np.nan_to_num(bands.astype(np.float64), nan=lo) - lo) / (hi - lo), 0, 1) * 65535
+    scaled = np.clip((np.where(ok, bands.astype(np.float64), lo) - lo) / (hi - lo), 0, 1) * 65535
     return scaled.round().astype(np.uint16)
 
 
@@ -244,12 +263,13 @@ class RasterSource:
     height: int
     crs: Any
     name: str
+    footprint: Any = None  # masks.AreaOfInterest of a rotated raster's footprint (None: its extent)
 
     @classmethod
     def of(cls, layer) -> "RasterSource":
         from qgis.core import QgsCoordinateReferenceSystem, QgsRectangle
         return cls(layer.dataProvider().clone(), QgsRectangle(layer.extent()), int(layer.width()),
-                   int(layer.height()), QgsCoordinateReferenceSystem(layer.crs()), layer.name())
+                   int(layer.height()), QgsCoordinateReferenceSystem(layer.crs()), layer.name(), footprints([layer]))
 
 
 def read_bands(layer, bands: Optional[Sequence[int]] = None, extent=None, resolution: Optional[float] = None,
@@ -292,7 +312,16 @@ def read_bands(layer, bands: Optional[Sequence[int]] = None, extent=None, resolu
         ext = QgsRectangle(x0, y1 - h * resolution, x0 + w * resolution, y1)
         transform = (resolution, 0.0, x0, 0.0, -resolution, y1)
     arrays = [block_to_array(provider.block(b, ext, w, h)) for b in bands]
+    invalid = np.zeros((h, w), bool)
+    for b, arr in zip(bands, arrays, strict=True):
+        invalid |= band_invalid(provider, b, arr)
+    for b in alpha_bands(provider):
+        invalid |= block_to_array(provider.block(b, ext, w, h)) == 0
+    mask = (~invalid).astype(np.uint8)
+    if src.footprint is not None:
+        mask = combine(mask, src.footprint.mask(transform, h, w, src.crs))
     notes: List[str] = []
-    pixels = to_wire(np.stack(arrays, axis=2), notes)
+    pixels = to_wire(np.stack(arrays, axis=2), notes, mask)
+    pixels[mask == 0] = 0  # like a rendering: nothing where there is no data
     authid, wkt = crs_strings(src.crs)
-    return Capture(pixels, transform, wkt, authid, f"bands {bands} of {src.name}", notes)
+    return Capture(pixels, transform, wkt, authid, f"bands {bands} of {src.name}", notes, mask)

@@ -103,7 +103,11 @@ def run(args: argparse.Namespace) -> int:
     app.initQgis()
     from .capture import render_extent
     from .connection import describe, make_client
-    from .processors import ClassifyProcessor, Common, LocalizeProcessor, SearchProcessor
+    from .sources import CaptureSource
+    from .tools.base import Common
+    from .tools.classify import ClassifyParams, ClassifyProcessor
+    from .tools.localize import LocalizeParams, LocalizeProcessor
+    from .tools.search import SearchParams, SearchProcessor
     from .tasks import MapQueryTask, add_outcome, run_and_wait
 
     out = Path(args.out).resolve()
@@ -128,9 +132,10 @@ def run(args: argparse.Namespace) -> int:
             f"{cap.crs_authid or 'custom CRS'} ({time.perf_counter() - t:.2f} s)")
         common = Common(layers_dir, None, [raster.source()])
         tile = max(32, min(224, min(cap.width, cap.height) // 4))
-        jobs = [ClassifyProcessor(cap, CLASSES, tile, common, top_k=3),
-                SearchProcessor(cap, SEARCH, tile, common, top_k=5),
-                LocalizeProcessor(cap, [LOCALIZE], common)]
+        source = CaptureSource(cap)
+        jobs = [ClassifyProcessor(source, ClassifyParams(CLASSES, tile, top_k=3), common),
+                SearchProcessor(source, SearchParams(SEARCH, tile, top_k=5), common),
+                LocalizeProcessor(source, LocalizeParams([LOCALIZE]), common)]
         drawn: List = []
         for processor in jobs:
             t = time.perf_counter()

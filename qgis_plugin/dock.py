@@ -9,23 +9,61 @@ import concurrent.futures
 import dataclasses
 from typing import Any, Dict, List, Optional
 
-from qgis.core import (Qgis, QgsApplication, QgsCoordinateTransform, QgsMapLayerProxyModel, QgsTask,
-                       QgsMapRendererParallelJob, QgsProject, QgsRectangle)
-from qgis.gui import QgsMapLayerComboBox
-from qgis.PyQt.QtCore import QTimer
-from qgis.PyQt.QtWidgets import (QComboBox, QDockWidget, QDoubleSpinBox, QFormLayout, QGroupBox, QHBoxLayout,
-                                 QLabel, QLineEdit, QPlainTextEdit, QProgressBar, QPushButton, QSpinBox,
-                                 QTableWidget, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)
+from qgis.core import (Qgis, QgsApplication, QgsCoordinateTransform, QgsMapLayerProxyModel, QgsMapRendererParallelJob,
+                       QgsProject, QgsRasterLayer, QgsRectangle, QgsTask, QgsUnitTypes)
+from qgis.gui import QgsCheckableComboBox, QgsMapLayerComboBox
+from qgis.PyQt.QtCore import Qt, QTimer
+from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QDockWidget, QDoubleSpinBox, QFormLayout, QFrame, QGroupBox,
+                                 QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit, QProgressBar, QPushButton,
+                                 QScrollArea, QSpinBox, QTableWidget, QTableWidgetItem, QTabWidget, QVBoxLayout,
+                                 QWidget)
+
+from shared_protocol.defaults import DEFAULT_TILE_SIZE
 
 from . import capture as cap_mod
 from .connection import describe, probe
 from .errors import PluginError, is_cancel, plain_message
-from .layers import project_sources
+from .layers import is_output, project_sources
 from .manager import BackendManager
+from .masks import AreaOfInterest
 from .outputs import output_dir
-from .processors import ClassifyProcessor, Common, LocalizeProcessor, SearchProcessor, tile_pixels
 from .settings_dialog import PRESETS, SettingsDialog
+from .sources import CaptureSource
 from .tasks import MapQueryTask, add_outcome
+from .tools.base import Common, tile_pixels
+from .tools.classify import ClassifyParams, ClassifyProcessor
+from .tools.localize import LocalizeParams, LocalizeProcessor
+from .tools.search import SearchParams, SearchProcessor
+
+def clipped_labels(root: QWidget) -> List[str]:
+    """The texts of the visible labels under ``root`` that do not fit their size (the layout check for small
+    screens, run by the tests and the desktop screenshot test)."""
+    out = []
+    for label in root.findChildren(QLabel):
+        if not label.isVisibleTo(root) or not label.text():
+            continue
+        if label.wordWrap():
+            need_w, need_h = label.minimumSizeHint().width(), label.heightForWidth(label.width())
+        else:
+            need_w, need_h = label.sizeHint().width(), label.sizeHint().height()
+        cut = False  # a scroll area without a horizontal scroll bar cuts what reaches past its right edge
+        parent = label.parentWidget()
+        while parent is not None and parent is not root.parentWidget():
+            if isinstance(parent, QScrollArea) and parent.horizontalScrollBarPolicy() == Qt.ScrollBarAlwaysOff:
+                right = label.mapTo(parent.viewport(), label.rect().topRight()).x()
+                cut = cut or right >= parent.viewport().width()
+            parent = parent.parentWidget()
+        if cut or label.width() < need_w or label.height() < need_h:
+            out.append(label.text())
+    return out
+
+
+def breakable(text: str) -> str:
+    """``text`` with line-break opportunities after path separators (long file names wrap in a narrow dock)."""
+    for sep in "/\\_-.":
+        text = text.replace(sep, sep + "\u200b")
+    return text
+
 
 SOURCES = [("view", "Map view (rendered)"), ("layer", "Layer extent (rendered)"),
            ("bands", "Raw bands of a raster layer")]
@@ -70,7 +108,22 @@ class MapQueryDock(QDockWidget):
         row.addWidget(self.cancel_btn)
         lay.addLayout(row)
         lay.addStretch(1)
-        self.setWidget(body)
+        scroll = QScrollArea()  # fits small screens (1366 x 768, 1280 x 800): scroll rather than clip
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        scroll.setWidget(body)
+        # it scrolls only vertically, so it never gets narrower than its content
+        scroll.setMinimumWidth(body.minimumSizeHint().width() + scroll.verticalScrollBar().sizeHint().width())
+        self.setWidget(scroll)
+        project = QgsProject.instance()
+        project.layersAdded.connect(self.refresh_imagery)
+        project.layersRemoved.connect(self.refresh_imagery)
+        self.refresh_imagery()
+        self.source_combo.currentIndexChanged.connect(self.update_units)
+        self.layer_combo.layerChanged.connect(self.update_units)
+        self._canvas().destinationCrsChanged.connect(self.update_units)
+        self.update_units()
 
         self.timer = QTimer(self)
         self.timer.timeout.connect(self.poll)
@@ -141,24 +194,104 @@ class MapQueryDock(QDockWidget):
         res_row = QHBoxLayout()
         res_row.addWidget(self.resolution, 1)
         res_row.addWidget(view_btn)
+        self.imagery_combo = QgsCheckableComboBox()
+        self.imagery_combo.setDefaultText("visible raster layers")
+        self.imagery_combo.setToolTip("Raster layers drawn into map-view and vector-extent captures (none checked: "
+                                      "the visible ones). Vector overlays and MapQuery's own results are never "
+                                      "captured.")
+        self.aoi_combo = QgsMapLayerComboBox()
+        self.aoi_combo.setFilters(QgsMapLayerProxyModel.PolygonLayer)
+        self.aoi_combo.setAllowEmptyLayer(True)
+        self.aoi_combo.setLayer(None)
+        self.aoi_combo.setToolTip("Answers come only from inside these polygons (empty: the whole area)")
+        self.aoi_selected = QCheckBox("selected features only")
+        aoi_row = QVBoxLayout()
+        aoi_row.addWidget(self.aoi_combo)
+        aoi_row.addWidget(self.aoi_selected)
         form.addRow("Capture", self.source_combo)
         form.addRow("Layer", self.layer_combo)
+        form.addRow("Imagery", self.imagery_combo)
         form.addRow("Bands", self.bands_edit)
         form.addRow("Resolution", res_row)
+        form.addRow("Area of interest", aoi_row)
         return box
 
     def _tile_row(self, default_px: int):
         spin = QDoubleSpinBox()
-        spin.setRange(1, 1e9)
-        spin.setDecimals(3)
+        spin.setRange(0.000001, 1e9)
+        spin.setDecimals(6)
         spin.setValue(default_px)
         unit = QComboBox()
-        unit.addItem("pixels", "pixels")
+        unit.addItem("px", "pixels")
         unit.addItem("map units", "map units")
+        unit.setProperty("previous", "pixels")
+        unit.currentIndexChanged.connect(lambda _i: self._convert_tile(spin, unit))
         row = QHBoxLayout()
         row.addWidget(spin, 1)
         row.addWidget(unit)
         return spin, unit, row
+
+    # -- imagery, units, area of interest --------------------------------------------------------------
+    def refresh_imagery(self, *_args) -> None:
+        """The imagery picker lists the project's raster layers that are not MapQuery outputs (keeps the checks)."""
+        keep = set(self.imagery_combo.checkedItemsData())
+        self.imagery_combo.clear()
+        for layer in QgsProject.instance().layerTreeRoot().layerOrder():
+            if isinstance(layer, QgsRasterLayer) and not is_output(layer):
+                self.imagery_combo.addItemWithCheckState(
+                    layer.name(), Qt.Checked if layer.id() in keep else Qt.Unchecked, layer.id())
+
+    def imagery_layers(self) -> List[Any]:
+        """The raster layers a rendered capture draws: the checked ones, else the visible ones (top first); never
+        vector layers or MapQuery's own outputs."""
+        chosen = set(self.imagery_combo.checkedItemsData())
+        if chosen:
+            layers = [lyr for lyr in QgsProject.instance().layerTreeRoot().layerOrder() if lyr.id() in chosen]
+        else:
+            layers = self._canvas().layers()
+        return [lyr for lyr in layers if isinstance(lyr, QgsRasterLayer) and not is_output(lyr)]
+
+    def area_of_interest(self) -> Optional[AreaOfInterest]:
+        layer = self.aoi_combo.currentLayer()
+        if layer is None:
+            return None
+        return AreaOfInterest.of_layer(layer, self.aoi_selected.isChecked())
+
+    def _bands_layer(self) -> Optional[Any]:
+        layer = self.layer_combo.currentLayer()
+        if self.source_combo.currentData() == "bands" and isinstance(layer, QgsRasterLayer):
+            return layer
+        return None
+
+    def capture_resolution(self) -> float:
+        """Map units per captured pixel, as the capture will use it."""
+        layer = self._bands_layer()
+        if layer is not None:
+            same_units = layer.crs().mapUnits() == self._canvas().mapSettings().destinationCrs().mapUnits()
+            return self.resolution.value() if (self.resolution.value() and same_units) else \
+                layer.rasterUnitsPerPixelX()
+        return self.resolution.value() or self._view_resolution()
+
+    def map_unit_name(self) -> str:
+        """The capture CRS's map units: m, degrees, ft, ..."""
+        layer = self._bands_layer()
+        crs = layer.crs() if layer is not None else self._canvas().mapSettings().destinationCrs()
+        units = crs.mapUnits()
+        return "degrees" if units == QgsUnitTypes.DistanceDegrees else QgsUnitTypes.toAbbreviatedString(units)
+
+    def update_units(self, *_args) -> None:
+        name = self.map_unit_name()
+        for combo in (self.cls_unit, self.srch_unit):
+            combo.setItemText(combo.findData("map units"), name)
+
+    def _convert_tile(self, spin: QDoubleSpinBox, unit: QComboBox) -> None:
+        """Keep the tile's ground size when its unit switches: 224 px at 10 m/px <-> 2240 m."""
+        new, old = unit.currentData(), unit.property("previous")
+        unit.setProperty("previous", new)
+        res = self.capture_resolution()
+        if new == old or not res > 0:
+            return
+        spin.setValue(spin.value() * res if new == "map units" else spin.value() / res)
 
     def _classify_tab(self) -> QWidget:
         w = QWidget()
@@ -174,7 +307,7 @@ class MapQueryDock(QDockWidget):
         self.classes_edit.setPlaceholderText("one class per line")
         self.classes_edit.setPlainText("forest\nfarmland\nriver\ndense residential\nbare land")
         form.addRow("Classes", self.classes_edit)
-        self.cls_tile, self.cls_unit, row = self._tile_row(224)
+        self.cls_tile, self.cls_unit, row = self._tile_row(DEFAULT_TILE_SIZE)
         form.addRow("Tile size", row)
         self.cls_topk = QSpinBox()
         self.cls_topk.setRange(1, 20)
@@ -192,7 +325,7 @@ class MapQueryDock(QDockWidget):
         self.search_edit.setPlaceholderText("e.g. a bridge over a river")
         self.search_edit.returnPressed.connect(lambda: self.run_tool("search"))
         form.addRow("Query", self.search_edit)
-        self.srch_tile, self.srch_unit, row = self._tile_row(224)
+        self.srch_tile, self.srch_unit, row = self._tile_row(DEFAULT_TILE_SIZE)
         form.addRow("Tile size", row)
         self.srch_topk = QSpinBox()
         self.srch_topk.setRange(1, 500)
@@ -269,7 +402,8 @@ class MapQueryDock(QDockWidget):
         self.status_label.setText(f"<b style='color:#2a7d2a'>connected</b> to {self.manager.settings.address} "
                                   f"(backend {d['backend_version']})")
         self.model_label.setText(d["model"])
-        self.weights_label.setText(d["weights"])
+        self.weights_label.setText(breakable(d["weights"]))
+        self.weights_label.setToolTip(d["weights"])
         self.device_label.setText(d["device"])
         self.protocol_label.setText(d["protocol"])
         names = [a.get("name") for a in info.get("adapters") or []]
@@ -360,24 +494,27 @@ class MapQueryDock(QDockWidget):
         crs = canvas.mapSettings().destinationCrs()
         res = self.resolution.value() or self._view_resolution()
         layer = self.layer_combo.currentLayer()
+        aoi = self.area_of_interest()
         if source == "bands":
-            if layer is None or layer.type() != layer.RasterLayer:
+            if not isinstance(layer, QgsRasterLayer):
                 raise PluginError("choose a raster layer to read bands from")
             bands = [int(b) for b in self.bands_edit.text().replace(" ", "").split(",") if b] or None
             view = QgsCoordinateTransform(crs, layer.crs(), QgsProject.instance()).transformBoundingBox(
                 canvas.extent())
             same_units = layer.crs().mapUnits() == crs.mapUnits()
             self._read_bands_async(cap_mod.RasterSource.of(layer), bands, view,
-                                   res if (self.resolution.value() and same_units) else None, then)
+                                   res if (self.resolution.value() and same_units) else None, aoi, then)
             return
         if source == "layer":
             if layer is None:
                 raise PluginError("choose a layer whose extent to capture")
             extent = cap_mod.layer_extent_in(layer, crs)
-            layers = [layer]
+            layers = [layer] if isinstance(layer, QgsRasterLayer) else self.imagery_layers()
         else:
             extent = canvas.extent()
-            layers = canvas.layers()
+            layers = self.imagery_layers()
+        if not layers:
+            raise PluginError("no imagery to capture: show a raster layer, or check one under Imagery")
         ms = cap_mod.map_settings(layers, extent, crs, res)
         job = QgsMapRendererParallelJob(ms)
         self._jobs.append(job)
@@ -385,16 +522,16 @@ class MapQueryDock(QDockWidget):
         def done() -> None:
             self._jobs.remove(job)
             try:
-                then(cap_mod.capture_from_image(job.renderedImage(), ms))
+                then(cap_mod.capture_from_image(job.renderedImage(), ms).restrict(aoi))
             except Exception as exc:  # noqa: BLE001
                 self.message(plain_message(exc, "Capture"), Qgis.Critical)
         job.finished.connect(done)
         job.start()
 
-    def _read_bands_async(self, source, bands, view, res, then) -> None:
+    def _read_bands_async(self, source, bands, view, res, aoi, then) -> None:
         """Read raw bands in a background task (a large read must not freeze QGIS); ``then`` on the main thread."""
         def read(task):
-            return cap_mod.read_bands(source, bands, view, res)
+            return cap_mod.read_bands(source, bands, view, res).restrict(aoi)
 
         def done(exception, capture=None) -> None:
             self._jobs.remove(task)
@@ -414,16 +551,15 @@ class MapQueryDock(QDockWidget):
                       self.adapter_combo.currentData(), project_sources(project))
 
     def make_processor(self, tool: str, capture: cap_mod.Capture):
-        common = self._common()
+        common, source, res = self._common(), CaptureSource(capture), abs(capture.transform[0])
         if tool == "classify":
-            classes = self.classes_edit.toPlainText().splitlines()
-            return ClassifyProcessor(capture, classes, tile_pixels(self.cls_tile.value(), self.cls_unit.currentData(),
-                                                                   capture), common, top_k=self.cls_topk.value())
+            tile = tile_pixels(self.cls_tile.value(), self.cls_unit.currentData(), res)
+            params = ClassifyParams(self.classes_edit.toPlainText().splitlines(), tile, top_k=self.cls_topk.value())
+            return ClassifyProcessor(source, params, common)
         if tool == "search":
-            return SearchProcessor(capture, self.search_edit.text(),
-                                   tile_pixels(self.srch_tile.value(), self.srch_unit.currentData(), capture),
-                                   common, top_k=self.srch_topk.value())
-        return LocalizeProcessor(capture, self.localize_edit.text().split(";"), common)
+            tile = tile_pixels(self.srch_tile.value(), self.srch_unit.currentData(), res)
+            return SearchProcessor(source, SearchParams(self.search_edit.text(), tile, self.srch_topk.value()), common)
+        return LocalizeProcessor(source, LocalizeParams(self.localize_edit.text().split(";")), common)
 
     def run_tool(self, tool: str) -> None:
         if self.active is not None and not self.active.done:
@@ -475,7 +611,7 @@ class MapQueryDock(QDockWidget):
             return
         self.progress.setValue(100)
         if isinstance(task.processor, SearchProcessor):
-            self.show_hits(outcome.rows, task.processor.capture)
+            self.show_hits(outcome.rows, task.processor.source.capture)
         warn = f" ({'; '.join(outcome.warnings)})" if outcome.warnings else ""
         self.message(f"{outcome.title}: {outcome.summary}{warn}", Qgis.Warning if warn else Qgis.Success)
 
@@ -507,3 +643,9 @@ class MapQueryDock(QDockWidget):
             if not task.done:
                 task.cancel()
         self._pool.shutdown(wait=False)
+        project = QgsProject.instance()
+        for signal in (project.layersAdded, project.layersRemoved):
+            try:
+                signal.disconnect(self.refresh_imagery)
+            except TypeError:
+                pass

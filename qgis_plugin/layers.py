@@ -14,8 +14,19 @@ from qgis.PyQt.QtGui import QColor
 from .errors import PluginError
 
 GROUP_PREFIX = "MapQuery: "
+OUTPUT_PROPERTY = "mapquery_rs/output"  # custom layer property marking MapQuery's own results (value: the kind)
 # "magma"-like ramp: dark purple (low) to pale yellow (high)
 RAMP_STOPS = [(0.0, "#000004"), (0.25, "#51127c"), (0.5, "#b73779"), (0.75, "#fc8961"), (1.0, "#fcfdbf")]
+
+
+def mark_output(layer, kind: str):
+    """Mark a layer as one of MapQuery's results, so that captures never draw it (saved with the project)."""
+    layer.setCustomProperty(OUTPUT_PROPERTY, kind)
+    return layer
+
+
+def is_output(layer) -> bool:
+    return bool(layer.customProperty(OUTPUT_PROPERTY, ""))
 
 
 def heat_ramp() -> QgsGradientColorRamp:
@@ -26,10 +37,12 @@ def heat_ramp() -> QgsGradientColorRamp:
 
 def heatmap_layer(path: str, name: str, opacity: float = 0.6, transparent_below: float = 0.2,
                   band: int = 1) -> QgsRasterLayer:
-    """A heatmap GeoTIFF (values 0-1) with a pseudocolor ramp, layer opacity and low values transparent."""
+    """A heatmap GeoTIFF (values 0-1, NaN = nodata: transparent) with a pseudocolor ramp, layer opacity and low
+    values transparent."""
     layer = QgsRasterLayer(path, name, "gdal")
     if not layer.isValid():
         raise PluginError(f"QGIS cannot open the heatmap {path}")
+    layer.dataProvider().setUseSourceNoDataValue(band, True)  # the GeoTIFF's NaN nodata: drawn transparent
     shader_fn = QgsColorRampShader(0.0, 1.0, heat_ramp(), QgsColorRampShader.Interpolated)
     shader_fn.classifyColorRamp(len(RAMP_STOPS) * 2 + 1, band, layer.extent(), layer.dataProvider())
     shader = QgsRasterShader()
@@ -44,7 +57,7 @@ def heatmap_layer(path: str, name: str, opacity: float = 0.6, transparent_below:
     transparency.setTransparentSingleValuePixelList([pixel])
     renderer.setRasterTransparency(transparency)
     layer.setRenderer(renderer)
-    return layer
+    return mark_output(layer, "heatmap")
 
 
 def _label_settings(expression: str) -> QgsVectorLayerSimpleLabeling:
@@ -81,7 +94,7 @@ def classification_layer(path: str, name: str, classes: Sequence[str], opacity: 
     layer.setOpacity(opacity)
     layer.setLabeling(_label_settings("\"label\" || ' ' || format_number(\"score\", 2)"))
     layer.setLabelsEnabled(True)
-    return layer
+    return mark_output(layer, "classification")
 
 
 def ranking_layer(path: str, name: str) -> QgsVectorLayer:
@@ -94,7 +107,7 @@ def ranking_layer(path: str, name: str) -> QgsVectorLayer:
     layer.renderer().setSymbol(symbol)
     layer.setLabeling(_label_settings("'#' || \"rank\" || ' ' || format_number(\"score\", 3)"))
     layer.setLabelsEnabled(True)
-    return layer
+    return mark_output(layer, "ranking")
 
 
 def project_sources(project: Optional[QgsProject] = None) -> List[str]:

@@ -11,7 +11,7 @@ from qgis.core import QgsApplication, QgsProject, QgsTask
 from .connection import make_client
 from .errors import plain_message
 from .layers import add_group, classification_layer, heatmap_layer, ranking_layer
-from .processors import Feedback, Outcome
+from .tools.base import Feedback, Outcome
 from .settings import Settings
 
 

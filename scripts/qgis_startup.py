@@ -9,6 +9,7 @@ Environment (all optional):
 """
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -23,11 +24,23 @@ def _log(text):
     _state["log"].append(f"{time.monotonic() - _state['t0']:.1f}s {text}")
 
 
+def _layout():
+    """The dock's size and the labels it clips (``clipped_labels`` of the plugin's dock module)."""
+    plugin = plugins.get("mapquery_rs")
+    dock = getattr(plugin, "dock", None)
+    if dock is None:
+        return {}
+    module = sys.modules[type(dock).__module__]
+    return {"window": [iface.mainWindow().width(), iface.mainWindow().height()],
+            "dock": [dock.width(), dock.height()], "clipped": module.clipped_labels(dock)}
+
+
 def _finish(ok, error=""):
     result = {"ok": ok, "error": error, "log": _state["log"],
-              "layers": [l.name() for l in QgsProject.instance().mapLayers().values()],
+              "layers": [lyr.name() for lyr in QgsProject.instance().mapLayers().values()],
+              "sources": {lyr.name(): lyr.source() for lyr in QgsProject.instance().mapLayers().values()},
               "groups": [g.name() for g in QgsProject.instance().layerTreeRoot().children()
-                         if isinstance(g, QgsLayerTreeGroup)]}
+                         if isinstance(g, QgsLayerTreeGroup)], **_layout()}
     path = os.environ.get("MAPQUERY_RESULT")
     if path:
         Path(path).write_text(json.dumps(result, indent=2))
@@ -40,6 +53,8 @@ def _start():
     if plugin is None:
         _log(f"plugin not loaded; loaded: {sorted(plugins)}")
         return _finish(False, "the MapQuery plugin is not loaded")
+    from qgis.PyQt.QtGui import QGuiApplication
+    iface.mainWindow().setGeometry(QGuiApplication.primaryScreen().availableGeometry())  # the whole (small) screen
     dock = plugin.show_dock()
     _log("dock open")
     sample = os.environ.get("MAPQUERY_SAMPLE") or str(Path(__file__).resolve().parents[2] / "shared" / "data" /

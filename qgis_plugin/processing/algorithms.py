@@ -1,82 +1,59 @@
-"""Classify / localize / rank over a whole raster layer: read in blocks, tiles sent in batches.
+"""Classify / rank / localize over a whole raster layer, for the toolbox, the modeler and ``qgis_process``.
 
-The raster's raw bands are read block by block at its own grid (or a chosen resolution); each block is a
-:class:`capture.Capture`, so the georeferencing is the one tested for the dock's captures.
+Thin wrappers: parameters in, a :class:`sources.RasterBlocks` source (the raster's raw bands in blocks, with
+nodata, alpha and the optional area of interest as each block's mask), the same tools as the dock
+(:mod:`tools`), features into a sink or a GeoTIFF out.
 """
 from __future__ import annotations
 
-import math
 import threading
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Tuple
 
-import numpy as np
-from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsGeometry, QgsPointXY,
-                       QgsProcessing, QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingParameterBand,
+from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsGeometry, QgsPointXY, QgsProcessing,
+                       QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingParameterBand,
                        QgsProcessingParameterDefinition, QgsProcessingParameterFeatureSink,
-                       QgsProcessingParameterNumber, QgsProcessingParameterRasterDestination,
-                       QgsProcessingParameterRasterLayer, QgsProcessingParameterString, QgsRectangle, QgsWkbTypes)
+                       QgsProcessingParameterFeatureSource, QgsProcessingParameterNumber,
+                       QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer,
+                       QgsProcessingParameterString, QgsWkbTypes)
 from qgis.PyQt.QtCore import QCoreApplication, QVariant
 
 from shared_protocol import ProtocolError
-from shared_protocol.ops import SMOOTH_WORK_KERNEL
+from shared_protocol.defaults import DEFAULT_TILE_SIZE, MIN_VALID_SHARE
 
-from ..capture import Capture, read_bands
 from ..connection import make_client
 from ..errors import PluginError, plain_message
+from ..masks import AreaOfInterest
 from ..outputs import write_geotiff
-from ..processors import auto_smooth, auto_window_sizes, grid_windows
 from ..settings import Settings
+from ..sources import RasterBlocks
+from ..tools import classify, localize, search
+from ..tools.base import Common, Feedback, Row
+
+_KINDS = {"int": QVariant.Int, "double": QVariant.Double, "string": QVariant.String}
 
 
 def _tr(text: str) -> str:
     return QCoreApplication.translate("MapQuery", text)
 
 
-def raster_blocks(layer: Any, bands: Optional[Sequence[int]], block_px: int, resolution: Optional[float],
-                  margin_px: int = 0, align_px: int = 1
-                  ) -> Iterator[Tuple[int, int, Capture, Tuple[int, int, int, int]]]:
-    """Yield (index, count, capture, inner) for blocks of at most ``block_px`` pixels covering the whole raster.
-
-    Each capture reaches at least ``margin_px`` beyond its block on every side (within the raster), its
-    origin snapped down to a multiple of ``align_px``, so that work near a block's edge sees the context
-    across it on the same window grid as its neighbour; ``inner`` = (row0, row1, col0, col1) is the block
-    itself inside the capture. Blocks tile the raster without overlap once cropped to ``inner``.
-    """
-    full = layer.extent()
-    if resolution:
-        xres = yres = float(resolution)
-        width, height = max(1, round(full.width() / xres)), max(1, round(full.height() / yres))
-    else:
-        width, height = layer.width(), layer.height()
-        xres, yres = full.width() / width, full.height() / height
-    rows, cols = math.ceil(height / block_px), math.ceil(width / block_px)
-    count = rows * cols
-    for i in range(rows):
-        for j in range(cols):
-            c0, r0 = j * block_px, i * block_px
-            c1, r1 = min(width, c0 + block_px), min(height, r0 + block_px)
-            mc0, mr0 = (max(0, (v - margin_px) // align_px * align_px) for v in (c0, r0))
-            mc1, mr1 = min(width, c1 + margin_px), min(height, r1 + margin_px)
-            ext = QgsRectangle(full.xMinimum() + mc0 * xres, full.yMaximum() - mr1 * yres,
-                               full.xMinimum() + mc1 * xres, full.yMaximum() - mr0 * yres)
-            cap = read_bands(layer, bands, ext, resolution) if resolution else read_bands(layer, bands, ext)
-            yield i * cols + j, count, cap, (r0 - mr0, r1 - mr0, c0 - mc0, c1 - mc0)
+def _fields(spec: Sequence[Tuple[str, str]]) -> QgsFields:
+    fields = QgsFields()
+    for name, kind in spec:
+        fields.append(QgsField(name, _KINDS[kind]))
+    return fields
 
 
-def value_range_of(layer: Any, bands: Optional[Sequence[int]]) -> Optional[List[float]]:
-    """One 2nd-98th percentile range for a whole uint16 raster (so that every batch is scaled alike)."""
-    side = max(layer.width(), layer.height())
-    res = max(layer.extent().width(), layer.extent().height()) / min(side, 1024)
-    preview = read_bands(layer, bands, None, res if side > 1024 else None)
-    if preview.pixels.dtype != np.uint16:
-        return None
-    px = preview.pixels[..., :3].astype(np.float64)
-    lo, hi = np.percentile(px, (2, 98))
-    return [float(lo), float(hi) if hi > lo else float(lo) + 1.0]
+def _write_rows(sink: Any, fields: QgsFields, spec: Sequence[Tuple[str, str]], rows: List[Row]) -> None:
+    for ring, attrs in rows:
+        f = QgsFeature(fields)
+        f.setGeometry(QgsGeometry.fromPolygonXY([[QgsPointXY(x, y) for x, y in ring]]))
+        f.setAttributes([attrs.get(name) for name, _ in spec])
+        sink.addFeature(f, QgsFeatureSink.FastInsert)
 
 
 class _Base(QgsProcessingAlgorithm):
-    INPUT, BANDS, RESOLUTION = "INPUT", "BANDS", "RESOLUTION"
+    INPUT, BANDS, RESOLUTION, AOI, MIN_VALID = "INPUT", "BANDS", "RESOLUTION", "AOI", "MIN_VALID"
     BACKEND, TOKEN, ADAPTER, TIMEOUT = "BACKEND", "TOKEN", "ADAPTER", "TIMEOUT"
     OUTPUT = "OUTPUT"
 
@@ -89,6 +66,10 @@ class _Base(QgsProcessingAlgorithm):
     def createInstance(self):  # noqa: N802
         return type(self)()
 
+    def _advanced(self, p) -> None:
+        p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        self.addParameter(p)
+
     def _common_params(self) -> None:
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, _tr("Raster layer")))
         self.addParameter(QgsProcessingParameterBand(self.BANDS, _tr("Bands (default: the first three)"), None,
@@ -96,77 +77,76 @@ class _Base(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterNumber(
             self.RESOLUTION, _tr("Resolution in map units per pixel (0: the raster's own)"),
             QgsProcessingParameterNumber.Double, 0.0, minValue=0.0))
+        self.addParameter(QgsProcessingParameterFeatureSource(
+            self.AOI, _tr("Area of interest (polygons; answers come only from inside)"),
+            [QgsProcessing.TypeVectorPolygon], optional=True))
+        self._advanced(QgsProcessingParameterNumber(
+            self.MIN_VALID, _tr("Least share of valid pixels in a tile or window (0-1)"),
+            QgsProcessingParameterNumber.Double, MIN_VALID_SHARE, minValue=0.0, maxValue=1.0))
         settings = Settings.load()
         for name, text, default, optional in (
                 (self.BACKEND, "Backend address", settings.address, False),
                 (self.TOKEN, "Access token", "", True),
                 (self.ADAPTER, "Adapter (empty: the base model)", "", True)):
-            p = QgsProcessingParameterString(name, _tr(text), default, optional=optional)
-            p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
-            self.addParameter(p)
-        p = QgsProcessingParameterNumber(self.TIMEOUT, _tr("Timeout per request (s)"),
-                                         QgsProcessingParameterNumber.Double, settings.timeout_s, minValue=1.0)
-        p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
-        self.addParameter(p)
+            self._advanced(QgsProcessingParameterString(name, _tr(text), default, optional=optional))
+        self._advanced(QgsProcessingParameterNumber(self.TIMEOUT, _tr("Timeout per request (s)"),
+                                                    QgsProcessingParameterNumber.Double, settings.timeout_s,
+                                                    minValue=1.0))
 
     def _setup(self, parameters: Dict[str, Any], context: Any, feedback: Any):
+        """(source, settings, common, tool feedback, min_valid) from the common parameters."""
         layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
         if layer is None:
             raise QgsProcessingException(_tr("cannot open the input raster"))
         bands = self.parameterAsInts(parameters, self.BANDS, context) or None
         res = self.parameterAsDouble(parameters, self.RESOLUTION, context) or None
+        aoi = None
+        aoi_source = self.parameterAsSource(parameters, self.AOI, context)
+        if aoi_source is not None:
+            aoi = AreaOfInterest.of_features(aoi_source.getFeatures(), aoi_source.sourceCrs(),
+                                             context.transformContext(), "AOI")
         settings = Settings.load()
         settings.address = self.parameterAsString(parameters, self.BACKEND, context) or settings.address
         settings.token = self.parameterAsString(parameters, self.TOKEN, context) or settings.token
         settings.timeout_s = self.parameterAsDouble(parameters, self.TIMEOUT, context) or settings.timeout_s
-        adapter = self.parameterAsString(parameters, self.ADAPTER, context) or None
+        common = Common(adapter=self.parameterAsString(parameters, self.ADAPTER, context) or None)
         cancel = threading.Event()
         feedback.canceled.connect(cancel.set)
         if feedback.isCanceled():
             cancel.set()
-        return layer, bands, res, settings, adapter, cancel
+        fb = Feedback(lambda p, m: feedback.setProgress(100.0 * p), cancel)
+        min_valid = self.parameterAsDouble(parameters, self.MIN_VALID, context)
+        return RasterBlocks(layer, bands, res, aoi), layer, settings, common, fb, min_valid
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         try:
             return self.work(parameters, context, feedback)
         except (ProtocolError, PluginError, OSError) as exc:
+            if feedback.isCanceled():
+                return {}
             raise QgsProcessingException(plain_message(exc, self.displayName())) from None
 
     def work(self, parameters, context, feedback) -> Dict[str, Any]:
         raise NotImplementedError
 
-
-def _polygon(ring: List[Tuple[float, float]]) -> QgsGeometry:
-    return QgsGeometry.fromPolygonXY([[QgsPointXY(x, y) for x, y in ring]])
+    @staticmethod
+    def _report(feedback, warnings: Sequence[str], text: str) -> None:
+        for w in warnings:
+            feedback.pushWarning(str(w))
+        feedback.pushInfo(text)
 
 
 class _TileAlgorithm(_Base):
     TILE_SIZE, BATCH, TOP_K = "TILE_SIZE", "BATCH", "TOP_K"
-    BLOCK = 4096
 
     def _tile_params(self, top_k: int) -> None:
         self.addParameter(QgsProcessingParameterNumber(self.TILE_SIZE, _tr("Tile size (pixels)"),
-                                                       QgsProcessingParameterNumber.Integer, 224, minValue=8))
+                                                       QgsProcessingParameterNumber.Integer, DEFAULT_TILE_SIZE,
+                                                       minValue=8))
         self.addParameter(QgsProcessingParameterNumber(self.TOP_K, _tr("Top-k"), QgsProcessingParameterNumber.Integer,
                                                        top_k, minValue=1))
-        p = QgsProcessingParameterNumber(self.BATCH, _tr("Tiles per request"), QgsProcessingParameterNumber.Integer,
-                                         64, minValue=1)
-        p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
-        self.addParameter(p)
-
-    def batches(self, layer, bands, res, tile: int, batch: int, feedback
-                ) -> Iterator[Tuple[float, Capture, np.ndarray, np.ndarray, np.ndarray]]:
-        """(progress, block capture, cells, windows, tiles) for every batch of tiles of the raster."""
-        block = max(tile, (self.BLOCK // tile) * tile)
-        for index, count, cap, _ in raster_blocks(layer, bands, block, res):
-            cells, windows = grid_windows(cap.height, cap.width, tile)
-            for start in range(0, len(windows), batch):
-                if feedback.isCanceled():
-                    return
-                part = windows[start:start + batch]
-                tiles = np.stack([cap.pixels[y0:y1, x0:x1] for x0, y0, x1, y1 in part])
-                done = (index + min(1.0, (start + batch) / len(windows))) / count
-                yield done, cap, cells[start:start + batch], part, tiles
+        self._advanced(QgsProcessingParameterNumber(self.BATCH, _tr("Tiles per request"),
+                                                    QgsProcessingParameterNumber.Integer, 64, minValue=1))
 
 
 class ClassifyRasterAlgorithm(_TileAlgorithm):
@@ -180,7 +160,8 @@ class ClassifyRasterAlgorithm(_TileAlgorithm):
 
     def shortHelpString(self) -> str:  # noqa: N802
         return _tr("Cuts the raster into tiles, sends them in batches to the MapQuery backend and writes a grid "
-                   "of polygons with each tile's best class and its probability.")
+                   "of polygons with each tile's best class and its probability. Tiles with too few valid pixels "
+                   "(nodata, alpha, outside the area of interest) are skipped.")
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self._common_params()
@@ -191,36 +172,19 @@ class ClassifyRasterAlgorithm(_TileAlgorithm):
                                                             QgsProcessing.TypeVectorPolygon))
 
     def work(self, parameters, context, feedback):
-        layer, bands, res, settings, adapter, cancel = self._setup(parameters, context, feedback)
+        source, layer, settings, common, fb, min_valid = self._setup(parameters, context, feedback)
         raw = self.parameterAsString(parameters, self.CLASSES, context)
-        classes = [c.strip() for part in raw.splitlines() for c in part.split(",") if c.strip()]
-        if not classes:
-            raise QgsProcessingException(_tr("give at least one class name"))
-        tile = self.parameterAsInt(parameters, self.TILE_SIZE, context)
-        top_k = min(self.parameterAsInt(parameters, self.TOP_K, context), len(classes))
-        batch = self.parameterAsInt(parameters, self.BATCH, context)
-        fields = QgsFields()
-        for name, kind in (("tile", QVariant.Int), ("label", QVariant.String), ("score", QVariant.Double),
-                           ("top", QVariant.String)):
-            fields.append(QgsField(name, kind))
+        params = classify.ClassifyParams([c for part in raw.splitlines() for c in part.split(",")],
+                                         self.parameterAsInt(parameters, self.TILE_SIZE, context),
+                                         top_k=self.parameterAsInt(parameters, self.TOP_K, context),
+                                         batch=self.parameterAsInt(parameters, self.BATCH, context),
+                                         min_valid=min_valid)
+        fields = _fields(classify.FIELDS)
         sink, dest = self.parameterAsSink(parameters, self.OUTPUT, context, fields, QgsWkbTypes.Polygon, layer.crs())
-        vr = value_range_of(layer, bands)
-        n = 0
         with make_client(settings) as client:
-            for done, cap, cells, _windows, tiles in self.batches(layer, bands, res, tile, batch, feedback):
-                reply = client.classify(classes, tiles, top_k=top_k, value_range=vr, adapter=adapter, cancel=cancel)
-                for t, box in zip(reply.result["tiles"], cells):
-                    f = QgsFeature(fields)
-                    f.setGeometry(_polygon(cap.box_to_map(*[int(v) for v in box])))
-                    top = t["top"]
-                    f.setAttributes([n, top[0]["label"], float(top[0]["score"]),
-                                     "; ".join(f"{m['label']} {m['score']:.3f}" for m in top)])
-                    sink.addFeature(f, QgsFeatureSink.FastInsert)
-                    n += 1
-                feedback.setProgress(100.0 * done)
-        for w in reply.result.get("warnings", []) if n else []:
-            feedback.pushWarning(str(w))
-        feedback.pushInfo(f"{n} tiles classified")
+            res = classify.ClassifyProcessor(source, params, common).compute(client, fb)
+        _write_rows(sink, fields, classify.FIELDS, res.rows)
+        self._report(feedback, res.warnings, f"{len(res.rows)} tiles classified, {res.skipped} skipped")
         return {self.OUTPUT: dest}
 
 
@@ -235,7 +199,7 @@ class RankRasterAlgorithm(_TileAlgorithm):
 
     def shortHelpString(self) -> str:  # noqa: N802
         return _tr("Ranks every tile of the raster against a text query and writes the best tiles with their rank "
-                   "and similarity score.")
+                   "and similarity score. Tiles with too few valid pixels are never ranked.")
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self._common_params()
@@ -245,32 +209,17 @@ class RankRasterAlgorithm(_TileAlgorithm):
                                                             QgsProcessing.TypeVectorPolygon))
 
     def work(self, parameters, context, feedback):
-        layer, bands, res, settings, adapter, cancel = self._setup(parameters, context, feedback)
-        query = self.parameterAsString(parameters, self.QUERY, context).strip()
-        if not query:
-            raise QgsProcessingException(_tr("give a text query"))
-        tile = self.parameterAsInt(parameters, self.TILE_SIZE, context)
-        top_k = self.parameterAsInt(parameters, self.TOP_K, context)
-        batch = self.parameterAsInt(parameters, self.BATCH, context)
-        vr = value_range_of(layer, bands)
-        hits: List[Tuple[float, List[Tuple[float, float]]]] = []
+        source, layer, settings, common, fb, min_valid = self._setup(parameters, context, feedback)
+        params = search.SearchParams(self.parameterAsString(parameters, self.QUERY, context),
+                                     self.parameterAsInt(parameters, self.TILE_SIZE, context),
+                                     self.parameterAsInt(parameters, self.TOP_K, context),
+                                     self.parameterAsInt(parameters, self.BATCH, context), min_valid)
         with make_client(settings) as client:
-            for done, cap, _cells, windows, tiles in self.batches(layer, bands, res, tile, batch, feedback):
-                reply = client.rank(tiles, [query], top_k=min(top_k, len(tiles)), value_range=vr, adapter=adapter,
-                                    cancel=cancel)
-                for m in reply.result["by_query"][0]:
-                    hits.append((float(m["score"]), cap.box_to_map(*[int(v) for v in windows[m["index"]]])))
-                hits = sorted(hits, key=lambda h: -h[0])[:top_k]
-                feedback.setProgress(100.0 * done)
-        fields = QgsFields()
-        for name, kind in (("rank", QVariant.Int), ("score", QVariant.Double), ("query", QVariant.String)):
-            fields.append(QgsField(name, kind))
+            res = search.SearchProcessor(source, params, common).compute(client, fb)
+        fields = _fields(search.FIELDS)
         sink, dest = self.parameterAsSink(parameters, self.OUTPUT, context, fields, QgsWkbTypes.Polygon, layer.crs())
-        for rank, (score, ring) in enumerate(hits, start=1):
-            f = QgsFeature(fields)
-            f.setGeometry(_polygon(ring))
-            f.setAttributes([rank, score, query])
-            sink.addFeature(f, QgsFeatureSink.FastInsert)
+        _write_rows(sink, fields, search.FIELDS, res.rows)
+        self._report(feedback, res.warnings, f"{res.ranked} tiles ranked, {res.skipped} skipped")
         return {self.OUTPUT: dest}
 
 
@@ -285,53 +234,26 @@ class LocalizeRasterAlgorithm(_Base):
 
     def shortHelpString(self) -> str:  # noqa: N802
         return _tr("Semantic localization over the whole raster: blocks of the raster are sent to the backend, "
-                   "their raw similarity maps are stitched and normalised to 0-1 over the whole raster.")
+                   "their raw similarity maps are stitched and normalised to 0-1 over the valid pixels of the whole "
+                   "raster; nodata, transparent pixels and pixels outside the area of interest are NaN (nodata).")
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self._common_params()
         self.addParameter(QgsProcessingParameterString(self.QUERY, _tr("Text query")))
-        p = QgsProcessingParameterNumber(self.BLOCK_SIZE, _tr("Block size (pixels per request)"),
-                                         QgsProcessingParameterNumber.Integer, 2048, minValue=64)
-        p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
-        self.addParameter(p)
+        self._advanced(QgsProcessingParameterNumber(self.BLOCK_SIZE, _tr("Block size (pixels per request)"),
+                                                    QgsProcessingParameterNumber.Integer, localize.DEFAULT_BLOCK,
+                                                    minValue=64))
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, _tr("Heatmap")))
 
     def work(self, parameters, context, feedback):
-        layer, bands, res, settings, adapter, cancel = self._setup(parameters, context, feedback)
-        query = self.parameterAsString(parameters, self.QUERY, context).strip()
-        if not query:
-            raise QgsProcessingException(_tr("give a text query"))
-        block = self.parameterAsInt(parameters, self.BLOCK_SIZE, context)
+        source, layer, settings, common, fb, min_valid = self._setup(parameters, context, feedback)
+        query = self.parameterAsString(parameters, self.QUERY, context)
+        params = localize.LocalizeParams([query], block_px=self.parameterAsInt(parameters, self.BLOCK_SIZE, context),
+                                         min_valid=min_valid)
         dest = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
-        vr = value_range_of(layer, bands)
-        pieces: List[Tuple[Capture, np.ndarray]] = []
         with make_client(settings) as client:
-            # window sizes and smoothing are chosen for the block; every block is read with a margin of the
-            # largest window plus the median kernel, from an origin on the common grid of the window strides,
-            # offsets and smoothing blocks, so that its pixels get what one whole-raster run would give them
-            sizes = auto_window_sizes(min(block, layer.height()), min(block, layer.width()))
-            smooth = auto_smooth(min(block, layer.height()), min(block, layer.width()))
-            align = math.lcm(*[max(1, s // 2) for s in sizes], *sizes, max(1, smooth // SMOOTH_WORK_KERNEL))
-            margin = max(sizes) + smooth
-            for index, count, cap, (r0, r1, c0, c1) in raster_blocks(layer, bands, block, res, margin, align):
-                if feedback.isCanceled():
-                    break
-                reply = client.localize(cap.pixels, [query], window_sizes=sizes, smooth=smooth, normalize=False,
-                                        value_range=vr, adapter=adapter, cancel=cancel)
-                inner = np.array(reply.arrays["heatmaps"][0][r0:r1, c0:c1], dtype=np.float32)
-                pieces.append((cap.pixel_to_map(c0, r0), inner))
-                feedback.setProgress(100.0 * (index + 1) / count)
-        if feedback.isCanceled() or not pieces:
-            return {}
-        (x0, y0), _ = pieces[0]
-        a, e = cap.transform[0], cap.transform[4]
-        placed = [(int(round((y - y0) / e)), int(round((x - x0) / a)), h) for (x, y), h in pieces]
-        heat = np.zeros((max(r + h.shape[0] for r, _, h in placed), max(c + h.shape[1] for _, c, h in placed)),
-                        np.float32)
-        for row, col, h in placed:
-            heat[row:row + h.shape[0], col:col + h.shape[1]] = h
-        lo, hi = float(heat.min()), float(heat.max())
-        heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
-        from pathlib import Path
-        write_geotiff(Path(dest), heat, (a, 0.0, x0, 0.0, e, y0), cap.crs_wkt, [f"heatmap: {query}"])
+            res = localize.LocalizeProcessor(source, params, common).compute(client, fb)
+        write_geotiff(Path(dest), res.heatmaps[0], res.transform, res.crs_wkt, [f"heatmap: {params.queries[0]}"],
+                      localize.NODATA)
+        self._report(feedback, res.warnings, f"heatmap of {source.width} x {source.height} px")
         return {self.OUTPUT: dest}

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 from qgis.core import Qgis, QgsApplication, QgsLayerTreeGroup, QgsRasterLayer
+from qgis.PyQt.QtCore import Qt
 from qgis.gui import QgsMapCanvas
 from qgis.PyQt.QtWidgets import QMainWindow
 
@@ -94,8 +96,8 @@ def test_dock_shows_status_and_runs_the_three_tools(plugin, project, tmp_path):
     dock.load_class_preset()
     assert len(dock.classes_edit.toPlainText().splitlines()) == 10
     dock.resolution.setValue(600.0)
-    dock.cls_tile.setValue(96 * 600.0)
     dock.cls_unit.setCurrentIndex(dock.cls_unit.findData("map units"))
+    dock.cls_tile.setValue(96 * 600.0)
     def capture_layer_extent():
         dock.source_combo.setCurrentIndex(dock.source_combo.findData("layer"))
         dock.layer_combo.setLayer(layer)
@@ -103,6 +105,7 @@ def test_dock_shows_status_and_runs_the_three_tools(plugin, project, tmp_path):
     def capture_view():
         dock.source_combo.setCurrentIndex(dock.source_combo.findData("view"))
         dock.search_edit.setText("a river")
+        dock.srch_tile.setValue(64)  # enough tiles off the nodata collar for ten hits
     for tool, setup in (("classify", capture_layer_extent), ("search", capture_view),
                         ("localize", lambda: dock.localize_edit.setText("forest; a river"))):
         setup()
@@ -117,7 +120,16 @@ def test_dock_shows_status_and_runs_the_three_tools(plugin, project, tmp_path):
                                           "MapQuery: classify (10 classes, 96 px tiles)"]
     assert len(groups[0].findLayers()) == 2  # one heatmap per query
     grid = groups[2].findLayers()[0].layer()
-    assert grid.featureCount() == 5 * 4  # 96 px tiles over the layer's extent: 396 x 359 px at 600 m
+    # 96 px tiles over the layer's extent (396 x 359 px at 600 m, 5 x 4 tiles), but those mostly in the raster's
+    # nodata collar get no label
+    from qgis_plugin.capture import render_extent
+    from qgis_plugin.tools.base import grid_windows
+    cap = render_extent([layer], layer.extent(), layer.crs(), 600.0)
+    valid = cap.valid()
+    _, windows = grid_windows(cap.height, cap.width, 96)
+    assert len(windows) == 5 * 4
+    kept = [i for i, (x0, y0, x1, y1) in enumerate(windows) if valid[y0:y1, x0:x1].mean() >= 0.5]
+    assert sorted(f["tile"] for f in grid.getFeatures()) == kept and 0 < len(kept) < 20
     assert all(p.parent == (tmp_path / "outputs") for p in
                [__import__("pathlib").Path(l.layer().source().split("|")[0]) for g in groups for l in g.findLayers()])
     # the search hits are listed; clicking one zooms the canvas onto that tile
@@ -211,3 +223,92 @@ def test_settings_dialog_round_trip(qgis_app):
     assert not dlg.python.isEnabled()  # start-only fields are off in 'connect' mode
     dlg.mode.setCurrentIndex(dlg.mode.findData("start"))
     assert dlg.python.isEnabled() and dlg.settings().mode == "start"
+
+
+def test_dock_fits_a_1280x800_screen_without_clipped_labels(plugin):
+    from qgis.PyQt.QtWidgets import QScrollArea
+    from qgis_plugin.dock import clipped_labels
+    plugin, iface, _ = plugin
+    iface.window.setCentralWidget(iface.canvas)  # the map takes what the dock leaves, as in QGIS
+    iface.window.resize(1280, 800)
+    iface.window.show()
+    dock = plugin.show_dock()
+    spin(lambda: "connected" in dock.status_label.text() and "not" not in dock.status_label.text())
+    dock.set_info({**dock.info, "model": {**dock.info["model"], "random_weights": False, "weights":
+                   "/home/someone/.cache/mapquery-rs/weights/a_rather_long_checkpoint_name_RS5M_ViT-B-32.pt"}})
+    for _ in range(20):
+        QgsApplication.processEvents()
+    assert isinstance(dock.widget(), QScrollArea)  # taller than the screen: it scrolls, it does not clip
+    assert dock.height() <= 800 and dock.width() < 640
+    for tab in range(dock.tabs.count()):
+        dock.tabs.setCurrentIndex(tab)
+        for _ in range(5):
+            QgsApplication.processEvents()
+        assert clipped_labels(dock) == [], (tab, dock.width())
+    # the check sees a label that cannot fit
+    dock.status_label.setWordWrap(False)
+    dock.status_label.setText("a status line far too long to fit a dock of this width " * 4)
+    QgsApplication.processEvents()
+    assert clipped_labels(dock) == [dock.status_label.text()]
+
+
+def test_captures_draw_only_the_chosen_imagery(plugin, project, tmp_path):
+    """A capture after earlier results equals the capture before them (pixels and mask): MapQuery's own outputs
+    and vector overlays are never drawn, even when the canvas shows them."""
+    from qgis.core import QgsFeature, QgsGeometry, QgsVectorLayer
+    plugin, iface, layer = plugin
+    dock = plugin.show_dock()
+    spin(lambda: "connected" in dock.status_label.text() and "not" not in dock.status_label.text())
+    dock.resolution.setValue(1200.0)
+    dock.source_combo.setCurrentIndex(dock.source_combo.findData("view"))
+
+    def capture():
+        got = []
+        dock.capture_async(got.append)
+        spin(lambda: got)
+        return got[0]
+    before = capture()
+    assert before.valid().any() and not before.valid().all()  # RGB.byte.tif's nodata collar is invalid
+    overlay = QgsVectorLayer("Polygon?crs=EPSG:32618", "overlay", "memory")
+    f = QgsFeature()
+    f.setGeometry(QgsGeometry.fromRect(layer.extent()))
+    overlay.dataProvider().addFeatures([f])
+    project.addMapLayer(overlay)
+    dock.cls_tile.setValue(64)
+    dock.search_edit.setText("a river")
+    dock.localize_edit.setText("forest")
+    for tool in ("classify", "search", "localize"):
+        seen = len(iface.bar.messages)
+        dock.run_tool(tool)
+        spin(lambda seen=seen: len(iface.bar.messages) > seen and dock.active is None)
+    outputs = [lyr for lyr in project.mapLayers().values() if lyr.customProperty("mapquery_rs/output")]
+    assert len(outputs) == 3
+    iface.canvas.setLayers(outputs + [overlay, layer])  # the canvas shows everything on top of the raster
+    assert dock.imagery_layers() == [layer]
+    after = capture()
+    assert np.array_equal(before.pixels, after.pixels) and np.array_equal(before.mask, after.mask)
+    # the picker: outputs are not offered; a checked layer is what is drawn
+    offered = [dock.imagery_combo.itemData(i) for i in range(dock.imagery_combo.count())]
+    assert offered == [layer.id()]
+    dock.imagery_combo.setItemCheckState(0, Qt.Checked)
+    iface.canvas.setLayers([overlay])  # nothing visible: the checked layer is still drawn
+    assert np.array_equal(capture().pixels, before.pixels)
+
+
+def test_tile_size_units_are_named_and_converted(plugin, project):
+    from qgis.core import QgsCoordinateReferenceSystem
+    plugin, iface, layer = plugin
+    dock = plugin.show_dock()
+    dock.resolution.setValue(10.0)
+    assert dock.cls_unit.currentText() == "px" and dock.cls_unit.itemText(1) == "m"
+    dock.cls_tile.setValue(224)
+    dock.cls_unit.setCurrentIndex(1)
+    assert dock.cls_tile.value() == pytest.approx(2240.0)  # 224 px at 10 m/px, not 224 m
+    dock.cls_unit.setCurrentIndex(0)
+    assert dock.cls_tile.value() == pytest.approx(224.0)
+    iface.canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:4326"))
+    assert dock.cls_unit.itemText(1) == "degrees" and dock.srch_unit.itemText(1) == "degrees"
+    dock.resolution.setValue(0.001)
+    dock.srch_tile.setValue(100)
+    dock.srch_unit.setCurrentIndex(1)
+    assert dock.srch_tile.value() == pytest.approx(0.1)

@@ -12,7 +12,9 @@ from qgis.core import QgsApplication
 from shared_protocol import ErrorCode
 
 from qgis_plugin.capture import Capture
-from qgis_plugin.processors import Common, LocalizeProcessor
+from qgis_plugin.sources import CaptureSource
+from qgis_plugin.tools.base import Common
+from qgis_plugin.tools.localize import LocalizeParams, LocalizeProcessor
 from qgis_plugin.tasks import MapQueryTask, run_and_wait
 
 
@@ -28,8 +30,8 @@ def test_kill_9_during_localize_keeps_qgis_responsive(qgis_app, tmp_path):
     settings.timeout_s, settings.retries = 30.0, 0
     cap = _capture()
     try:
-        task = MapQueryTask(LocalizeProcessor(cap, ["a river"], Common(tmp_path), window_sizes=[24, 32, 48],
-                                              smooth=0), settings)
+        task = MapQueryTask(LocalizeProcessor(CaptureSource(cap), LocalizeParams(["a river"], [24, 32, 48], 0),
+                                              Common(tmp_path)), settings)
         QgsApplication.taskManager().addTask(task)
         started, killed_at, worst_gap, last = time.monotonic(), None, 0.0, time.monotonic()
         while not task.done and time.monotonic() - started < 60:
@@ -49,7 +51,8 @@ def test_kill_9_during_localize_keeps_qgis_responsive(qgis_app, tmp_path):
         assert list(tmp_path.iterdir()) == []  # no partial output
         proc2, _ = start_live_backend(address=settings.address)
         try:
-            again = run_and_wait(MapQueryTask(LocalizeProcessor(_capture(200), ["a river"], Common(tmp_path)),
+            again = run_and_wait(MapQueryTask(LocalizeProcessor(CaptureSource(_capture(200)),
+                                                                LocalizeParams(["a river"]), Common(tmp_path)),
                                               settings), timeout=120)
             assert again.error is None and again.outcome.layers
         finally:

@@ -11,7 +11,7 @@ from qgis_plugin import capture as C
 from qgis_plugin.layers import GROUP_PREFIX, add_group, classification_layer, heatmap_layer, ranking_layer
 from qgis_plugin.outputs import (atomic_write_bytes, output_dir, slug, unique_path, write_geotiff,
                                  write_polygons_gpkg)
-from qgis_plugin.processors import grid_windows
+from qgis_plugin.tools.base import grid_windows
 
 CRSS = ["EPSG:32618", "EPSG:3857", "EPSG:4326"]
 

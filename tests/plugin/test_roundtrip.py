@@ -12,7 +12,12 @@ from shared_protocol import ErrorCode
 
 from qgis_plugin import capture as C
 from qgis_plugin.connection import describe, probe
-from qgis_plugin.processors import ClassifyProcessor, Common, LocalizeProcessor, SearchProcessor, grid_windows
+from qgis_plugin.masks import valid_share
+from qgis_plugin.sources import CaptureSource
+from qgis_plugin.tools.base import Common, grid_windows
+from qgis_plugin.tools.classify import ClassifyParams, ClassifyProcessor
+from qgis_plugin.tools.localize import LocalizeParams, LocalizeProcessor
+from qgis_plugin.tools.search import SearchParams, SearchProcessor
 from qgis_plugin.tasks import MapQueryTask, add_outcome, run_and_wait
 
 
@@ -20,6 +25,21 @@ from qgis_plugin.tasks import MapQueryTask, add_outcome, run_and_wait
 def utm_capture(data_dir):
     layer = QgsRasterLayer(str(data_dir / "RGB.byte.tif"), "rgb")
     return layer, C.render_extent([layer], layer.extent(), layer.crs(), 600.0)
+
+
+def classify(cap, classes, tile, out, **kw):
+    return ClassifyProcessor(CaptureSource(cap), ClassifyParams(classes, tile, **kw), Common(out))
+
+
+def localize(cap, queries, out, **kw):
+    return LocalizeProcessor(CaptureSource(cap), LocalizeParams(queries, **kw), Common(out))
+
+
+def kept_windows(cap, tile):
+    """The grid's windows with at least half of their pixels valid (the tiles that get an answer)."""
+    cells, windows = grid_windows(cap.height, cap.width, tile)
+    valid = cap.valid()
+    return [i for i, (x0, y0, x1, y1) in enumerate(windows) if valid_share(valid[y0:y1, x0:x1]) >= 0.5]
 
 
 def run(processor, settings):
@@ -36,28 +56,35 @@ def test_probe_reports_the_backend(live_backend):
 def test_classify_round_trip(qgis_app, project, tmp_path, live_backend, utm_capture):
     layer, cap = utm_capture
     classes = ["forest", "river", "farmland"]
-    outcome = run(ClassifyProcessor(cap, classes, 64, Common(tmp_path), top_k=2), live_backend)
+    outcome = run(classify(cap, classes, 64, tmp_path, top_k=2), live_backend)
     cells, _ = grid_windows(cap.height, cap.width, 64)
-    assert len(outcome.rows) == len(cells)
+    kept = kept_windows(cap, 64)
+    assert 0 < len(kept) < len(cells)  # the raster's nodata collar: its tiles get no label
+    assert sorted(r["tile"] for r in outcome.rows) == kept
     assert all(r["label"] in classes and 0 <= r["score"] <= 1 for r in outcome.rows)
     assert any("RANDOM" in w for w in outcome.warnings)
     group, (grid,) = add_outcome(outcome, project)
     assert isinstance(group, QgsLayerTreeGroup) and group.name().startswith("MapQuery: classify")
-    assert grid.featureCount() == len(cells) and grid.crs().authid() == "EPSG:32618"
-    xmin, ymin, xmax, ymax = cap.extent()
-    assert grid.extent().xMinimum() == pytest.approx(xmin) and grid.extent().yMaximum() == pytest.approx(ymax)
-    assert grid.extent().xMaximum() == pytest.approx(xmax) and grid.extent().yMinimum() == pytest.approx(ymin)
+    assert grid.featureCount() == len(kept) and grid.crs().authid() == "EPSG:32618"
+    for f in grid.getFeatures():  # each feature is its grid cell
+        x0, y0, x1, y1 = cells[f["tile"]]
+        xs, ys = zip(*cap.box_to_map(x0, y0, x1, y1), strict=True)
+        bbox = f.geometry().boundingBox()
+        assert (bbox.xMinimum(), bbox.yMinimum(), bbox.xMaximum(), bbox.yMaximum()) == pytest.approx(
+            (min(xs), min(ys), max(xs), max(ys)))
     probs_sum = sum(float(t.split()[-1]) for t in next(grid.getFeatures())["top"].split("; "))
     assert 0 < probs_sum <= 1.0001
 
 
 def test_search_round_trip_batched(qgis_app, project, tmp_path, live_backend, utm_capture):
     _, cap = utm_capture
-    outcome = run(SearchProcessor(cap, "a river", 48, Common(tmp_path), top_k=7, batch=5), live_backend)
+    outcome = run(SearchProcessor(CaptureSource(cap), SearchParams("a river", 48, top_k=7, batch=5), Common(tmp_path)),
+                  live_backend)
     assert [r["rank"] for r in outcome.rows] == list(range(1, 8))
     scores = [r["score"] for r in outcome.rows]
     assert scores == sorted(scores, reverse=True)
-    assert len({r["tile"] for r in outcome.rows}) == 7
+    tiles = {r["tile"] for r in outcome.rows}
+    assert len(tiles) == 7 and tiles <= set(kept_windows(cap, 48))  # never a tile of the nodata collar
     _, (ranked,) = add_outcome(outcome, project)
     assert ranked.featureCount() == 7 and ranked.crs().authid() == "EPSG:32618"
     best = next(f for f in ranked.getFeatures() if f["rank"] == 1)
@@ -71,7 +98,7 @@ def test_localize_round_trip_is_georeferenced(qgis_app, project, tmp_path, live_
     layer = QgsRasterLayer(str(data_dir / name), name)
     res = layer.rasterUnitsPerPixelX() * 2
     cap = C.render_extent([layer], layer.extent(), layer.crs(), res)
-    outcome = run(LocalizeProcessor(cap, ["river", "forest"], Common(tmp_path)), live_backend)
+    outcome = run(localize(cap, ["river", "forest"], tmp_path), live_backend)
     assert len(outcome.layers) == 2
     group, heat_layers = add_outcome(outcome, project, opacity=0.7)
     assert [l.name() for l in group.findLayers()] == ["heatmap: river", "heatmap: forest"]
@@ -82,7 +109,10 @@ def test_localize_round_trip_is_georeferenced(qgis_app, project, tmp_path, live_
         gt = ds.GetGeoTransform()
         assert (gt[1], gt[2], gt[0], gt[4], gt[5], gt[3]) == pytest.approx(cap.transform)
         arr = ds.ReadAsArray()
-        assert arr.dtype == np.float32 and 0 <= arr.min() and arr.max() <= 1 and arr.max() > arr.min()
+        valid = cap.valid()
+        assert np.isnan(ds.GetRasterBand(1).GetNoDataValue())  # NaN = no data, drawn transparent
+        assert np.isnan(arr[~valid]).all() and np.isfinite(arr[valid]).all()
+        assert arr.dtype == np.float32 and np.nanmin(arr) == 0 and np.nanmax(arr) == 1
 
 
 def test_asking_again_over_the_same_view_sends_no_canvas(qgis_app, tmp_path, live_backend, data_dir,
@@ -101,8 +131,8 @@ def test_asking_again_over_the_same_view_sends_no_canvas(qgis_app, tmp_path, liv
         return request(self, op, params, arrays, **kw)
 
     monkeypatch.setattr(client_module.Client, "request", spy)
-    a = run(LocalizeProcessor(first, ["river"], Common(tmp_path)), live_backend)
-    b = run(LocalizeProcessor(second, ["forest"], Common(tmp_path)), live_backend)
+    a = run(localize(first, ["river"], tmp_path), live_backend)
+    b = run(localize(second, ["forest"], tmp_path), live_backend)
     assert sent == [["canvas"], []]  # two tasks, two clients: the second sent the canvas's id only
     for outcome in (a, b):
         ds = gdal.Open(outcome.layers[0].path)
@@ -115,7 +145,7 @@ def test_reprojected_capture_round_trip(qgis_app, project, tmp_path, live_backen
     dest = QgsCoordinateReferenceSystem("EPSG:3857")
     ext = C.layer_extent_in(layer, dest)
     cap = C.render_extent([layer], ext, dest, 1000.0)
-    outcome = run(LocalizeProcessor(cap, ["city"], Common(tmp_path)), live_backend)
+    outcome = run(localize(cap, ["city"], tmp_path), live_backend)
     _, (heat,) = add_outcome(outcome, project)
     assert heat.crs().authid() == "EPSG:3857"
     assert heat.extent().contains(ext) or heat.extent().buffered(1000.0).contains(ext)
@@ -126,8 +156,8 @@ def test_uint16_raw_bands_round_trip(qgis_app, tmp_path, live_backend, data_dir)
     layer = QgsRasterLayer(str(data_dir / "RGBA.uint16.tif"), "u16")
     cap = C.read_bands(layer, bands=[1, 2, 3, 4])
     assert cap.pixels.dtype == np.uint16
-    outcome = run(ClassifyProcessor(cap, ["a", "b"], 128, Common(tmp_path)), live_backend)
-    assert len(outcome.rows) == len(grid_windows(cap.height, cap.width, 128)[0])
+    outcome = run(classify(cap, ["a", "b"], 128, tmp_path), live_backend)
+    assert sorted(r["tile"] for r in outcome.rows) == kept_windows(cap, 128)
 
 
 def test_backend_down_is_reported_plainly(qgis_app, tmp_path, utm_capture):
@@ -136,7 +166,7 @@ def test_backend_down_is_reported_plainly(qgis_app, tmp_path, utm_capture):
     _, cap = utm_capture
     dead = Settings(mode="connect", address=f"tcp://127.0.0.1:{free_port()}", timeout_s=1.5, retries=0)
     t = time.monotonic()
-    task = run_and_wait(MapQueryTask(LocalizeProcessor(cap, ["x"], Common(tmp_path)), dead), timeout=30)
+    task = run_and_wait(MapQueryTask(localize(cap, ["x"], tmp_path), dead), timeout=30)
     assert task.outcome is None and task.error.code in (ErrorCode.TIMEOUT, ErrorCode.UNAVAILABLE)
     assert time.monotonic() - t < 15
     msg = task.message()
@@ -150,7 +180,7 @@ def test_cancel_stops_a_request_in_flight(qgis_app, tmp_path, utm_capture):
     _, cap = utm_capture
     with fake_server(lambda req: []) as server:  # answers pings, never the request itself
         settings = Settings(mode="connect", address=server.address, timeout_s=60, retries=0)
-        task = MapQueryTask(LocalizeProcessor(cap, ["x"], Common(tmp_path)), settings)
+        task = MapQueryTask(localize(cap, ["x"], tmp_path), settings)
         t = time.monotonic()
         run_and_wait(task, timeout=30, cancel_after=0.5)
         assert task.error is not None and task.error.code == ErrorCode.CANCELLED
@@ -170,7 +200,7 @@ def test_backend_errors_reach_the_user_in_plain_words(qgis_app, tmp_path, utm_ca
         return [Reply.failure(req.id, req.op, ProtocolError(ErrorCode.UNAUTHORIZED, "missing or wrong access token"))]
     with fake_server(refuse) as server:
         settings = Settings(mode="connect", address=server.address, token="wrong", timeout_s=10)
-        task = run_and_wait(MapQueryTask(ClassifyProcessor(cap, ["a"], 64, Common(tmp_path)), settings), 30)
+        task = run_and_wait(MapQueryTask(classify(cap, ["a"], 64, tmp_path), settings), 30)
         assert task.error.code == ErrorCode.UNAUTHORIZED
         assert "refused the access token" in task.message()
         assert server.requests[-1].token == "wrong"
@@ -192,10 +222,10 @@ def test_reconnects_after_a_backend_restart_with_token(qgis_app, tmp_path, utm_c
         proc2, _ = start_live_backend(["--token", "s3cret"], address=settings.address)
         try:
             assert probe(settings)["model"]["name"] == "tiny"
-            outcome = run(LocalizeProcessor(cap, ["x"], Common(tmp_path)), settings)
+            outcome = run(localize(cap, ["x"], tmp_path), settings)
             assert outcome.layers
             wrong = type(settings)(**{**settings.__dict__, "token": "nope"})
-            task = run_and_wait(MapQueryTask(LocalizeProcessor(cap, ["x"], Common(tmp_path)), wrong), 30)
+            task = run_and_wait(MapQueryTask(localize(cap, ["x"], tmp_path), wrong), 30)
             assert task.error.code == ErrorCode.UNAUTHORIZED and "token" in task.message()
         finally:
             proc2.stop()
