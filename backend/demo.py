@@ -38,10 +38,11 @@ def _canvas(path: str | None) -> tuple:
     p = Path(path) if path else SAMPLE
     if p.is_file():
         img = read_image(p)
-        return img.pixels[:, :, :3], img.transform, img.crs, str(p)
+        mask = img.mask if img.mask is not None else np.ones(img.pixels.shape[:2], np.uint8)
+        return img.pixels[:, :, :3], mask, img.transform, img.crs, str(p)
     print(f"demo: {p} not found; using a synthetic 768 x 768 canvas", flush=True)
     rng = np.random.default_rng(0)
-    return rng.integers(0, 256, (768, 768, 3), dtype=np.uint8), None, None, "synthetic"
+    return rng.integers(0, 256, (768, 768, 3), dtype=np.uint8), np.ones((768, 768), np.uint8), None, None, "synthetic"
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -58,31 +59,33 @@ def run_demo(args: argparse.Namespace) -> int:
                   f" ({info['model']['arch']}), device {info['device']['type']}, weights {info['model']['weights']}")
             for w in info.get("warnings", []):
                 print(f"demo: WARNING: {w}")
-            canvas, transform, crs, name = _canvas(args.image)
+            canvas, mask, transform, crs, name = _canvas(args.image)
             h, w = canvas.shape[:2]
             print(f"demo: canvas {name}: {w} x {h} px, crs {crs}")
 
             t = time.perf_counter()
-            reply = client.classify(CLASSES, canvas=canvas, tile_size=256, top_k=3)
+            reply = client.classify(CLASSES, canvas=canvas, canvas_mask=mask, tile_size=256, top_k=3)
             print(f"\n[classify] {len(reply.result['tiles'])} grid tiles of 256 px "
                   f"({time.perf_counter() - t:.2f} s):")
             for tile, box in zip(reply.result["tiles"], reply.arrays["boxes"]):
-                tops = ", ".join(f"{m['label']} {m['score']:.2f}" for m in tile["top"])
+                tops = ", ".join(f"{m['label']} {m['score']:.2f}" for m in tile["top"]) or "skipped (nodata)"
                 print(f"  tile {tile['index']:2d} px {list(map(int, box))}: {tops}")
 
-            tiles = np.stack([canvas[y0:y0 + 256, x0:x0 + 256] for x0, y0, _, _ in _full_tiles(h, w, 256)])
+            boxes = _full_tiles(h, w, 256)
+            tiles = np.stack([canvas[y0:y0 + 256, x0:x0 + 256] for x0, y0, _, _ in boxes])
             t = time.perf_counter()
-            reply = client.rank(tiles, QUERIES, top_k=3)
+            reply = client.rank(tiles, QUERIES, top_k=3,
+                                images_mask=np.stack([mask[y0:y0 + 256, x0:x0 + 256] for x0, y0, _, _ in boxes]))
             print(f"\n[rank] {len(tiles)} tiles x {len(QUERIES)} texts ({time.perf_counter() - t:.2f} s):")
             for q, ranks in zip(QUERIES, reply.result["by_query"]):
                 print(f"  {q!r}: " + ", ".join(f"tile {m['index']} ({m['score']:.3f})" for m in ranks))
 
             t = time.perf_counter()
-            reply = client.localize(canvas, QUERIES[:1], transform=transform, crs=crs, geotiff=True, polygons=True,
-                                    threshold=0.7)
+            reply = client.localize(canvas, QUERIES[:1], canvas_mask=mask, transform=transform, crs=crs, geotiff=True,
+                                    polygons=True, threshold=0.7)
             cold = time.perf_counter() - t
             t = time.perf_counter()
-            client.localize(canvas, QUERIES[1:], transform=transform, crs=crs)
+            client.localize(canvas, QUERIES[1:], canvas_mask=mask, transform=transform, crs=crs)
             warm = time.perf_counter() - t
             heat = reply.arrays["heatmaps"][0]
             tif = atomic_write(out / "demo_heatmap.tif", reply.arrays["geotiff_0"].tobytes())

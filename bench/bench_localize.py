@@ -28,8 +28,9 @@ from backend.process import start_server
 from backend.tasks.localize import localize
 from backend.tasks.windows import selo_windows
 from shared_protocol.client import Client
+from shared_protocol.defaults import DEFAULT_CROP_SIZE, DEFAULT_SMOOTH, DEFAULT_WINDOW_SIZES
 
-SIZES = [256, 512, 768]
+SIZES = list(DEFAULT_WINDOW_SIZES)
 REPEAT_QUERIES = ["an airport", "dense forest", "a river", "farmland"]
 
 
@@ -109,7 +110,8 @@ def main() -> None:
             del engine
     # the engine alone (no transport), in the precision auto picks, with the default smoothing
     engine = Engine(loaded, EngineConfig())
-    served = {"queries": [query], "window_sizes": SIZES, "crop_size": 256, "smooth": 251, "normalize": True}
+    served = {"queries": [query], "window_sizes": SIZES, "crop_size": DEFAULT_CROP_SIZE, "smooth": DEFAULT_SMOOTH,
+              "normalize": True}
     t = time.perf_counter()
     localize(engine, canvas, served, lambda p, m: None)
     engine_cold = time.perf_counter() - t

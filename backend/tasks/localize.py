@@ -17,7 +17,7 @@ pixels: a repeat query on a large canvas costs little more than making the final
 Window embeddings are cached by canvas content, so a second query on the same canvas only encodes text.
 With a mask, the means are still exact on the cells; the valid pixels of each cell (and of each block of
 the smoothing) are counted from the mask on the cell grid, and only the smoothing of a mask with a kernel
-below ``SMOOTH_WORK_KERNEL`` px runs over pixels (``nan_median``).
+below ``SMOOTH_WORK_KERNEL`` px runs over pixels (``valid_median``: a few cells per window, not its pixels).
 """
 from __future__ import annotations
 
@@ -240,6 +240,68 @@ def nan_median(values: torch.Tensor, size: int, max_elements: int = 1 << 24) -> 
     return out
 
 
+def _window_cells(edges: np.ndarray, n: int, size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For a ``size``-long window (edges replicated: ``size // 2`` positions of padding each side) centred on
+    each position 0 .. n - 1: the K cells it reaches (n x K ids) and the bounds of its part of each, in padded
+    coordinates (n x K lo, hi; empty parts have lo == hi)."""
+    r = size // 2
+    padded = edges.astype(np.int64) + r
+    padded[0], padded[-1] = 0, n + 2 * r  # the padding belongs to the edge cells
+    pos = np.arange(n)
+    first = np.searchsorted(padded, pos, side="right") - 1
+    last = np.searchsorted(padded, pos + size - 1, side="right") - 1
+    ids = first[:, None] + np.arange(int((last - first).max()) + 1)[None]
+    inside = ids <= last[:, None]
+    ids = np.minimum(ids, len(edges) - 2)
+    lo = np.maximum(pos[:, None], padded[ids])
+    hi = np.where(inside, np.minimum(pos[:, None] + size, padded[ids + 1]), lo)
+    return ids, lo, hi
+
+
+def valid_median(cells: np.ndarray, ys: np.ndarray, xs: np.ndarray, valid: np.ndarray, size: int,
+                 device: torch.device, max_elements: int = 1 << 24) -> torch.Tensor:
+    """``size`` x ``size`` median over the valid pixels of a map piecewise constant on cells (NaN cells count
+    as invalid), edges replicated, at the valid pixels: :func:`nan_median` of the full map there, without
+    going through its windows (invalid pixels get their cell's value: the caller masks them).
+
+    A window inside one cell has that cell's value (the valid pixel it is centred on is in it). Elsewhere
+    (near cell edges) the valid pixels of the window's part of each cell come from a summed-area table of
+    the mask, and the median is the weighted (lower) median of those cells' values: the cost is the pixels
+    near cell edges times the cells per window, not pixels x ``size`` squared.
+    """
+    r = size // 2
+    h, w = valid.shape
+    out = torch.from_numpy(cells_to_pixels(cells, ys, xs, h, w)).to(device)
+    table = np.zeros((h + 2 * r + 1, w + 2 * r + 1), dtype=np.int32)
+    table[1:, 1:] = np.pad(valid, r, mode="edge").cumsum(axis=0, dtype=np.int32).cumsum(axis=1, dtype=np.int32)
+    table_t, values = torch.from_numpy(table).to(device), torch.from_numpy(cells).to(device)
+    rows, cols = _window_cells(ys, h, size), _window_cells(xs, w, size)
+    multi_r, multi_c = (rows[2] > rows[1]).sum(1) > 1, (cols[2] > cols[1]).sum(1) > 1
+    for rsel, csel in ((np.flatnonzero(multi_r), np.arange(w)), (np.flatnonzero(~multi_r), np.flatnonzero(multi_c))):
+        if not len(rsel) or not len(csel):
+            continue
+        ci, clo, chi = (torch.from_numpy(a[csel]).to(device)[None, :, None, :] for a in cols)
+        q, kr, kc = values.shape[0], rows[0].shape[1], ci.shape[-1]
+        step = max(1, max_elements // max(1, (q + 2) * len(csel) * kr * kc))
+        cc = torch.from_numpy(csel).to(device)
+        for a in range(0, len(rsel), step):
+            sel = rsel[a:a + step]
+            i, lo, hi = (torch.from_numpy(x[sel]).to(device)[:, None, :, None] for x in rows)
+            counts = table_t[hi, chi] - table_t[lo, chi] - table_t[hi, clo] + table_t[lo, clo]
+            vals = values[:, i, ci].reshape(q, len(sel), len(csel), -1)  # Q x rows x cols x cells
+            finite = torch.isfinite(vals)
+            weights = torch.where(finite, counts.reshape(len(sel), len(csel), -1)[None], 0)
+            vals = torch.where(finite, vals, torch.inf)
+            order = vals.argsort(dim=-1)
+            cum = weights.gather(-1, order).cumsum(-1)
+            total = cum[..., -1:]
+            pick = ((cum < (total + 1) // 2).sum(-1, keepdim=True)).clamp_(max=cum.shape[-1] - 1)
+            med = vals.gather(-1, order.gather(-1, pick))[..., 0]
+            rr = torch.from_numpy(sel).to(device)
+            out[:, rr[:, None], cc[None, :]] = torch.where(total[..., 0] > 0, med, torch.nan)
+    return out
+
+
 def _valid_block_means(cells: np.ndarray, ys: np.ndarray, xs: np.ndarray, valid: np.ndarray,
                        block: int) -> np.ndarray:
     """Q x By x Bx means of the valid pixels of each ``block`` px block (NaN: none), exact from the cells.
@@ -273,18 +335,18 @@ def render_valid(cells: np.ndarray, ys: np.ndarray, xs: np.ndarray, height: int,
     """:func:`render` for a map with invalid pixels (``valid``, H x W bool; None: all valid) and NaN cells
     (cells with no valid pixel or no window): NaN there, and the smoothing never lets them pull valid pixels.
 
-    The median ignores NaN (``nan_median``); with blocks, each block is the mean of its valid pixels (exact
-    from the cells) and the bilinear resize is normalised by the finite blocks it draws on.
+    The median ignores NaN (``valid_median`` over pixels, ``nan_median`` over blocks); with blocks, each block
+    is the mean of its valid pixels (exact from the cells) and the bilinear resize is normalised by the finite
+    blocks it draws on.
     """
     if valid is None:
         valid = np.ones((height, width), dtype=bool)
     bad = ~valid | cells_to_pixels(np.isnan(cells[:1]), ys, xs, height, width)[0]
     block = smooth_block(kernel)
-    if kernel <= 1 or block == 1:
+    if kernel <= 1:
         out = cells_to_pixels(cells, ys, xs, height, width)
-        out[:, bad] = np.nan
-        if kernel > 1:
-            out = nan_median(torch.from_numpy(out).to(device), kernel).cpu().numpy()
+    elif block == 1:
+        out = valid_median(cells, ys, xs, valid, kernel, device).cpu().numpy()
     else:
         small = torch.from_numpy(_valid_block_means(cells, ys, xs, valid, block)).to(device)
         small = nan_median(small, block_kernel(kernel))

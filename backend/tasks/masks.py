@@ -41,8 +41,8 @@ def skipped(shares: np.ndarray, min_valid: float) -> List[int]:
 def interval_counts(valid: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     """Valid pixels in each cell of the grid whose edges are ``ys`` x ``xs`` (strictly increasing, from 0 to
     the mask's height / width): an (len(ys) - 1) x (len(xs) - 1) int64 array."""
-    cols = np.add.reduceat(valid.view(np.uint8), np.asarray(xs[:-1], dtype=np.intp), axis=1, dtype=np.int64)
-    return np.add.reduceat(cols, np.asarray(ys[:-1], dtype=np.intp), axis=0)
+    cols = np.add.reduceat(valid.view(np.uint8), np.asarray(xs[:-1], dtype=np.intp), axis=1, dtype=np.int32)
+    return np.add.reduceat(cols, np.asarray(ys[:-1], dtype=np.intp), axis=0, dtype=np.int64)
 
 
 def box_counts(valid: np.ndarray, boxes: np.ndarray) -> np.ndarray:

@@ -50,13 +50,15 @@ def rank(engine: Engine, params: Dict[str, Any], arrays: Dict[str, np.ndarray],
     if not texts and query_images is None:
         raise ProtocolError(ErrorCode.BAD_PARAMS, "rank needs 'texts' or 'query_images' to rank against")
     adapter = params.get("adapter")
-    queries = [engine.encode_texts(texts, adapter)] if texts else []
     if query_images is not None:
-        q_feats, q_skip = encode_valid(engine, arrays, "query_images", params, lambda p, m: None)
+        q_skip = skipped(image_shares(valid_pixels(arrays, "query_images"), len(query_images)),
+                         params.get("min_valid", MIN_VALID_SHARE))
         if q_skip:
             raise ProtocolError(ErrorCode.BAD_PARAMS, f"query image {q_skip[0]} has too few valid pixels (see "
                                 "min_valid)", {"param": "query_images", "skipped": q_skip})
-        queries.append(q_feats)
+    queries = [engine.encode_texts(texts, adapter)] if texts else []
+    if query_images is not None:
+        queries.append(encode_valid(engine, arrays, "query_images", params, lambda p, m: None)[0])
     img, skip = encode_valid(engine, arrays, "images", params, lambda p, m: progress(0.8 * p, m))
     q = torch.cat(queries)
     sim = (img @ q.T).float().cpu().numpy().astype(np.float32)  # images x queries (NaN rows: skipped)

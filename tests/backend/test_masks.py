@@ -14,10 +14,10 @@ from scipy import ndimage
 from backend.models.preprocess import value_scale
 from backend.service import ModelService, uniform_image_warnings
 from backend.tasks.classify import classify
-from backend.tasks.localize import block_kernel, localize, nan_median, render, smooth_block
+from backend.tasks.localize import block_kernel, localize, nan_median, render, smooth_block, valid_median
 from backend.tasks.masks import box_counts, interval_counts, valid_pixels
 from backend.tasks.rank import embed, rank
-from backend.tasks.windows import cell_means, mean_over_windows, selo_windows
+from backend.tasks.windows import cell_means, cells_to_pixels, mean_over_windows, selo_windows
 from shared_protocol import ErrorCode, ProtocolError
 from shared_protocol.client import CanvasIds
 from test_localize import _job
@@ -248,6 +248,22 @@ def test_nan_median_ignores_nan(rng):
             np.testing.assert_array_equal(got[q], ref.astype(np.float32))
 
 
+@pytest.mark.parametrize("size", [3, 7, 13])
+def test_valid_median_equals_nan_median_of_the_pixels(rng, size):
+    h, w = 41, 57
+    boxes = np.concatenate([selo_windows(h, w, 6), selo_windows(h, w, 20)])  # cells narrower than the kernel
+    boxes = boxes[~((boxes[:, 0] < 30) & (boxes[:, 2] > 25) & (boxes[:, 1] < 20) & (boxes[:, 3] > 15))]
+    cells, ys, xs = cell_means(boxes, rng.random((len(boxes), 2)), h, w)
+    valid = rng.random((h, w)) < 0.7
+    valid[:, :9] = False
+    got = valid_median(cells, ys, xs, valid, size, torch.device("cpu"), max_elements=500).numpy()  # in chunks
+    pixels = cells_to_pixels(cells, ys, xs, h, w)
+    pixels[:, ~valid] = np.nan
+    ref = nan_median(torch.from_numpy(pixels), size).numpy()
+    ok = valid & ~np.isnan(pixels[0])
+    np.testing.assert_array_equal(got[:, ok], ref[:, ok])
+
+
 def _smooth_valid_pixels(pixels, bad, kernel):
     """The NaN-aware smoothing written over pixels: invalid pixels are NaN; with blocks, each block is the mean
     of its valid pixels (replicate-padded), the median ignores NaN, the bilinear resize is normalised by the
@@ -276,7 +292,7 @@ def _smooth_valid_pixels(pixels, bad, kernel):
     return np.where(bad, np.nan, h)
 
 
-@pytest.mark.parametrize("kernel", [0, 9, 45, 251])
+@pytest.mark.parametrize("kernel", [0, 3, 13, 45, 251])
 def test_rendering_with_a_mask_equals_nan_aware_smoothing_of_the_pixels(rng, kernel):
     h, w = 203, 317
     boxes = np.concatenate([selo_windows(h, w, 40), selo_windows(h, w, 96)])
