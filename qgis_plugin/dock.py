@@ -58,6 +58,13 @@ def clipped_labels(root: QWidget) -> List[str]:
     return out
 
 
+def describe_area(names: List[str], area: str, aoi: Optional[AreaOfInterest]) -> str:
+    """Which raster(s) and area a result comes from, for its group's name."""
+    rasters = ", ".join(names)
+    rasters = rasters if len(rasters) <= 60 else rasters[:57] + "..."
+    return f"{rasters}, {area}" + (f", AOI {aoi.name}" if aoi is not None else "")
+
+
 def breakable(text: str) -> str:
     """``text`` with line-break opportunities after path separators (long file names wrap in a narrow dock)."""
     for sep in "/\\_-.":
@@ -510,9 +517,11 @@ class MapQueryDock(QDockWidget):
                 raise PluginError("choose a layer whose extent to capture")
             extent = cap_mod.layer_extent_in(layer, crs)
             layers = [layer] if isinstance(layer, QgsRasterLayer) else self.imagery_layers()
+            area = "layer extent" if isinstance(layer, QgsRasterLayer) else f"extent of {layer.name()}"
         else:
             extent = canvas.extent()
             layers = self.imagery_layers()
+            area = "map view"
         if not layers:
             raise PluginError("no imagery to capture: show a raster layer, or check one under Imagery")
         ms = cap_mod.map_settings(layers, extent, crs, res)
@@ -522,7 +531,9 @@ class MapQueryDock(QDockWidget):
         def done() -> None:
             self._jobs.remove(job)
             try:
-                then(cap_mod.capture_from_image(job.renderedImage(), ms).restrict(aoi))
+                cap = cap_mod.capture_from_image(job.renderedImage(), ms).restrict(aoi)
+                cap.source = describe_area([lyr.name() for lyr in layers], area, aoi)
+                then(cap)
             except Exception as exc:  # noqa: BLE001
                 self.message(plain_message(exc, "Capture"), Qgis.Critical)
         job.finished.connect(done)
@@ -531,7 +542,10 @@ class MapQueryDock(QDockWidget):
     def _read_bands_async(self, source, bands, view, res, aoi, then) -> None:
         """Read raw bands in a background task (a large read must not freeze QGIS); ``then`` on the main thread."""
         def read(task):
-            return cap_mod.read_bands(source, bands, view, res).restrict(aoi)
+            cap = cap_mod.read_bands(source, bands, view, res).restrict(aoi)
+            cap.source = describe_area([source.name], f"bands {','.join(map(str, bands or [])) or 'default'}, view",
+                                       aoi)
+            return cap
 
         def done(exception, capture=None) -> None:
             self._jobs.remove(task)

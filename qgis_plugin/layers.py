@@ -60,8 +60,28 @@ def heatmap_layer(path: str, name: str, opacity: float = 0.6, transparent_below:
     return mark_output(layer, "heatmap")
 
 
-def _label_settings(expression: str) -> QgsVectorLayerSimpleLabeling:
+LABEL_MIN_PX = 64  # labels show once a tile is at least this many screen pixels across
+SCREEN_M_PER_PX = 0.0254 / 96  # a 96 dpi screen pixel, in metres
+
+
+def label_min_scale(layer) -> float:
+    """The most zoomed-out scale (denominator) at which a tile of ``layer`` spans LABEL_MIN_PX screen pixels: labels
+    are hidden further out, where they would pile up; 0 (always shown) for an empty layer."""
+    from qgis.core import QgsUnitTypes
+    feat = next(layer.getFeatures(), None)
+    if feat is None or not feat.hasGeometry():
+        return 0.0
+    tile = feat.geometry().boundingBox().width()
+    metres = tile * QgsUnitTypes.fromUnitToUnitFactor(layer.crs().mapUnits(), QgsUnitTypes.DistanceMeters)
+    return metres / (LABEL_MIN_PX * SCREEN_M_PER_PX)
+
+
+def _label_settings(expression: str, min_scale: float = 0.0) -> QgsVectorLayerSimpleLabeling:
     pal = QgsPalLayerSettings()
+    if min_scale > 0:
+        pal.scaleVisibility = True
+        pal.minimumScale = min_scale  # most zoomed-out scale that shows labels
+        pal.maximumScale = 0.0
     pal.isExpression = True
     pal.fieldName = expression
     fmt = QgsTextFormat()
@@ -92,7 +112,7 @@ def classification_layer(path: str, name: str, classes: Sequence[str], opacity: 
         categories.append(QgsRendererCategory(cls, symbol, cls))
     layer.setRenderer(QgsCategorizedSymbolRenderer("label", categories))
     layer.setOpacity(opacity)
-    layer.setLabeling(_label_settings("\"label\" || ' ' || format_number(\"score\", 2)"))
+    layer.setLabeling(_label_settings("\"label\" || ' ' || format_number(\"score\", 2)", label_min_scale(layer)))
     layer.setLabelsEnabled(True)
     return mark_output(layer, "classification")
 
@@ -105,7 +125,8 @@ def ranking_layer(path: str, name: str) -> QgsVectorLayer:
     symbol = QgsFillSymbol.createSimple({"color": "255,255,0,40", "outline_color": "#ffd400",
                                          "outline_width": "0.8"})
     layer.renderer().setSymbol(symbol)
-    layer.setLabeling(_label_settings("'#' || \"rank\" || ' ' || format_number(\"score\", 3)"))
+    layer.setLabeling(_label_settings("'#' || \"rank\" || ' ' || format_number(\"score\", 3)",
+                                      label_min_scale(layer)))
     layer.setLabelsEnabled(True)
     return mark_output(layer, "ranking")
 

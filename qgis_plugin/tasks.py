@@ -73,7 +73,7 @@ def build_layers(outcome: Outcome, opacity: float = 0.6) -> List[Any]:
 def add_outcome(outcome: Outcome, project: Optional[QgsProject] = None, opacity: float = 0.6):
     """Load an outcome's files as styled layers grouped under its title; returns (group, layers)."""
     layers = build_layers(outcome, opacity)
-    return add_group(outcome.title, layers, project), layers
+    return add_group(outcome.group_name(), layers, project), layers
 
 
 def run_and_wait(task: MapQueryTask, timeout: float = 300.0, cancel_after: Optional[float] = None) -> MapQueryTask:

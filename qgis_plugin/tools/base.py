@@ -65,6 +65,16 @@ class Outcome:
     summary: str = ""
     warnings: List[str] = field(default_factory=list)
     result: Dict[str, Any] = field(default_factory=dict)  # the last raw reply result (for scripts, tests)
+    where: str = ""  # which raster(s) and area, e.g. "RGB.byte, map view, AOI fields (selection)"
+
+    def group_name(self) -> str:
+        return f"{self.title} [{self.where}]" if self.where else self.title
+
+
+def where_of(source: Any) -> str:
+    """A source's description for group names ('' for an anonymous rendering)."""
+    name = str(getattr(source, "name", "") or "")
+    return "" if name == "render" else name
 
 
 @dataclass

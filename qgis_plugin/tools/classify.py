@@ -9,7 +9,7 @@ from shared_protocol.defaults import DEFAULT_TILE_SIZE, MIN_VALID_SHARE
 
 from ..errors import PluginError
 from ..outputs import unique_path, write_polygons_gpkg
-from .base import MIN_TILE, Common, Feedback, LayerSpec, Outcome, Row, Wire, tile_batches, warnings_of
+from .base import MIN_TILE, Common, Feedback, LayerSpec, Outcome, Row, Wire, tile_batches, warnings_of, where_of
 
 FIELDS = [("tile", "int"), ("label", "string"), ("score", "double"), ("top", "string")]
 
@@ -94,4 +94,4 @@ class ClassifyProcessor:
         spec = LayerSpec("classification", str(path), "classification", list(self.params.classes))
         return Outcome(self.title, [spec],
                        [a for _, a in res.rows], f"{len(res.rows)} tiles{skipped}; {summary}", res.warnings,
-                       res.result)
+                       res.result, where_of(self.source))

@@ -22,7 +22,7 @@ from shared_protocol.ops import SMOOTH_WORK_KERNEL
 from ..errors import PluginError
 from ..masks import valid_share
 from ..outputs import slug, unique_path, write_geotiff
-from .base import Common, Feedback, LayerSpec, Outcome, Wire, warnings_of
+from .base import Common, Feedback, LayerSpec, Outcome, Wire, warnings_of, where_of
 
 NODATA = float("nan")
 DEFAULT_BLOCK = 2048
@@ -136,4 +136,4 @@ class LocalizeProcessor:
         return Outcome(self.title, specs, res.stats,
                        f"{len(specs)} heatmap(s) of {w} x {h} px from {res.windows or '?'} windows"
                        + (f"; {100 * valid:.0f} % of the pixels valid" if valid < 1 else ""), res.warnings,
-                       res.result)
+                       res.result, where_of(self.source))

@@ -9,7 +9,7 @@ from shared_protocol.defaults import DEFAULT_TILE_SIZE, MIN_VALID_SHARE
 
 from ..errors import PluginError
 from ..outputs import slug, unique_path, write_polygons_gpkg
-from .base import MIN_TILE, Common, Feedback, LayerSpec, Outcome, Row, Wire, tile_batches, warnings_of
+from .base import MIN_TILE, Common, Feedback, LayerSpec, Outcome, Row, Wire, tile_batches, warnings_of, where_of
 
 FIELDS = [("rank", "int"), ("score", "double"), ("tile", "int"), ("query", "string")]
 
@@ -92,4 +92,4 @@ class SearchProcessor:
         skipped = f", {res.skipped} skipped (too few valid pixels)" if res.skipped else ""
         return Outcome(self.title, [LayerSpec("ranking", str(path), f"top {len(res.rows)}: {self.params.query}")],
                        [a for _, a in res.rows], f"{res.ranked} tiles ranked{skipped}; {best}", res.warnings,
-                       res.result)
+                       res.result, where_of(self.source))

@@ -116,8 +116,9 @@ def test_dock_shows_status_and_runs_the_three_tools(plugin, project, tmp_path):
         errors = [m for lvl, m in iface.bar.messages if lvl == Qgis.Critical]
         assert not errors, errors
     groups = [c for c in project.layerTreeRoot().children() if isinstance(c, QgsLayerTreeGroup)]
-    assert [g.name() for g in groups] == ["MapQuery: localize: forest; a river", "MapQuery: search: a river",
-                                          "MapQuery: classify (10 classes, 96 px tiles)"]
+    assert [g.name() for g in groups] == ["MapQuery: localize: forest; a river [rgb, map view]",
+                                          "MapQuery: search: a river [rgb, map view]",
+                                          "MapQuery: classify (10 classes, 96 px tiles) [rgb, layer extent]"]
     assert len(groups[0].findLayers()) == 2  # one heatmap per query
     grid = groups[2].findLayers()[0].layer()
     # 96 px tiles over the layer's extent (396 x 359 px at 600 m, 5 x 4 tiles), but those mostly in the raster's
