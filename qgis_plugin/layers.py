@@ -42,6 +42,12 @@ def heatmap_layer(path: str, name: str, opacity: float = 0.6, transparent_below:
     layer = QgsRasterLayer(path, name, "gdal")
     if not layer.isValid():
         raise PluginError(f"QGIS cannot open the heatmap {path}")
+    return style_heatmap(layer, opacity, transparent_below, band)
+
+
+def style_heatmap(layer: QgsRasterLayer, opacity: float = 0.6, transparent_below: float = 0.2,
+                  band: int = 1) -> QgsRasterLayer:
+    """Style a heatmap layer (the dock's and Processing's outputs alike)."""
     layer.dataProvider().setUseSourceNoDataValue(band, True)  # the GeoTIFF's NaN nodata: drawn transparent
     shader_fn = QgsColorRampShader(0.0, 1.0, heat_ramp(), QgsColorRampShader.Interpolated)
     shader_fn.classifyColorRamp(len(RAMP_STOPS) * 2 + 1, band, layer.extent(), layer.dataProvider())
@@ -101,6 +107,11 @@ def classification_layer(path: str, name: str, classes: Sequence[str], opacity: 
     layer = QgsVectorLayer(path, name, "ogr")
     if not layer.isValid():
         raise PluginError(f"QGIS cannot open the classification grid {path}")
+    return style_classification(layer, classes, opacity)
+
+
+def style_classification(layer: QgsVectorLayer, classes: Sequence[str], opacity: float = 0.55) -> QgsVectorLayer:
+    """Style a classification grid (the dock's and Processing's outputs alike)."""
     rng = random.Random(7)
     categories = []
     present = set(layer.uniqueValues(layer.fields().indexOf("label")))
@@ -122,6 +133,11 @@ def ranking_layer(path: str, name: str) -> QgsVectorLayer:
     layer = QgsVectorLayer(path, name, "ogr")
     if not layer.isValid():
         raise PluginError(f"QGIS cannot open the search results {path}")
+    return style_ranking(layer)
+
+
+def style_ranking(layer: QgsVectorLayer) -> QgsVectorLayer:
+    """Style search results (the dock's and Processing's outputs alike)."""
     symbol = QgsFillSymbol.createSimple({"color": "255,255,0,40", "outline_color": "#ffd400",
                                          "outline_width": "0.8"})
     layer.renderer().setSymbol(symbol)

@@ -249,3 +249,26 @@ def test_live_backend_honours_the_masks(qgis_app, live_backend, raster, monkeypa
     assert sent == [["canvas", "canvas_mask"], []]
     for heat in (first, again):
         assert np.isnan(heat[~valid]).all() and np.isfinite(heat[valid]).mean() > 0.9
+
+
+def test_processing_outputs_are_styled_like_the_docks(qgis_app, processing_ready, project, raster, tmp_path):
+    import processing
+
+    from mq_helpers import fake_server
+    path, _, _ = raster
+    with fake_server(contract_backend, strict=False) as server:
+        common = {"INPUT": path, "BACKEND": server.address}
+        cls = processing.runAndLoadResults("mapquery:classifyraster", {**common, "CLASSES": "a, b", "TILE_SIZE": 20,
+                                                                       "OUTPUT": str(tmp_path / "c.gpkg")})
+        rank = processing.runAndLoadResults("mapquery:rankraster", {**common, "QUERY": "q", "TILE_SIZE": 20,
+                                                                    "OUTPUT": str(tmp_path / "r.gpkg")})
+        heat = processing.runAndLoadResults("mapquery:localizeraster", {**common, "QUERY": "q",
+                                                                        "OUTPUT": str(tmp_path / "h.tif")})
+    layers = {lyr.source().split("|")[0]: lyr for lyr in project.mapLayers().values()}
+    grid, ranked, heatmap = (layers[r["OUTPUT"]] for r in (cls, rank, heat))
+    assert grid.renderer().type() == "categorizedSymbol" and grid.labelsEnabled()
+    assert grid.labeling().settings().scaleVisibility
+    assert ranked.labelsEnabled() and "rank" in ranked.labeling().settings().fieldName
+    assert heatmap.renderer().type() == "singlebandpseudocolor"
+    assert {lyr.customProperty("mapquery_rs/output") for lyr in (grid, ranked, heatmap)} == {
+        "classification", "ranking", "heatmap"}
