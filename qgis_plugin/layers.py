@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import random
-from typing import Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from qgis.core import (QgsCategorizedSymbolRenderer, QgsColorRampShader, QgsFillSymbol, QgsGradientColorRamp,
                        QgsGradientStop, QgsLayerTreeGroup, QgsPalLayerSettings, QgsProject, QgsRasterLayer,
@@ -22,6 +22,18 @@ RAMP_STOPS = [(0.0, "#000004"), (0.25, "#51127c"), (0.5, "#b73779"), (0.75, "#fc
 def mark_output(layer, kind: str):
     """Mark a layer as one of MapQuery's results, so that captures never draw it (saved with the project)."""
     layer.setCustomProperty(OUTPUT_PROPERTY, kind)
+    return layer
+
+
+def set_provenance(layer, provenance: Dict[str, Any]):
+    """Where a result comes from (query, model, adapter, resolution, tiling, date) as the layer's metadata:
+    its abstract and the keywords under 'MapQuery'."""
+    if provenance:
+        md = layer.metadata()
+        md.setTitle(layer.name())
+        md.setAbstract("MapQuery RS result. " + "; ".join(f"{k}: {v}" for k, v in provenance.items()))
+        md.addKeywords("MapQuery", [f"{k}={v}" for k, v in provenance.items()])
+        layer.setMetadata(md)
     return layer
 
 

@@ -77,8 +77,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
 
 
 def write_geotiff(path: Path, bands: np.ndarray, transform: Sequence[float], crs_wkt: str,
-                  descriptions: Sequence[str] = (), nodata: Optional[float] = None) -> Path:
-    """Write a (B x) H x W float32 array as a deflate-compressed GeoTIFF (temp name, then rename)."""
+                  descriptions: Sequence[str] = (), nodata: Optional[float] = None,
+                  metadata: Optional[Dict[str, Any]] = None) -> Path:
+    """Write a (B x) H x W float32 array as a deflate-compressed GeoTIFF (temp name, then rename); ``metadata``
+    becomes dataset metadata items ``MAPQUERY_<KEY>``."""
     from osgeo import gdal
     arr = np.asarray(bands, dtype=np.float32)
     arr = arr[None] if arr.ndim == 2 else arr
@@ -93,6 +95,8 @@ def write_geotiff(path: Path, bands: np.ndarray, transform: Sequence[float], crs
         ds.SetGeoTransform((c, a, b, f, d, e))
         if crs_wkt:
             ds.SetProjection(crs_wkt)
+        if metadata:
+            ds.SetMetadata({f"MAPQUERY_{k.upper()}": str(v) for k, v in metadata.items()})
         for i in range(count):
             band = ds.GetRasterBand(i + 1)
             band.WriteArray(arr[i])

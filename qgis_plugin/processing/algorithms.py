@@ -24,7 +24,7 @@ from shared_protocol.defaults import DEFAULT_TILE_SIZE, MIN_VALID_SHARE
 
 from ..connection import make_client
 from ..errors import PluginError, plain_message
-from ..layers import style_classification, style_heatmap, style_ranking
+from ..layers import set_provenance, style_classification, style_heatmap, style_ranking
 from ..masks import AreaOfInterest
 from ..outputs import write_geotiff
 from ..settings import Settings
@@ -208,7 +208,8 @@ class ClassifyRasterAlgorithm(_TileAlgorithm):
         with make_client(settings) as client:
             res = classify.ClassifyProcessor(source, params, common).compute(client, fb)
         _write_rows(sink, fields, classify.FIELDS, res.rows)
-        _Style.on_load(context, dest, lambda layer: style_classification(layer, params.classes))
+        _Style.on_load(context, dest, lambda layer: set_provenance(style_classification(layer, params.classes),
+                                                                   res.provenance))
         self._report(feedback, res.warnings, f"{len(res.rows)} tiles classified, {res.skipped} skipped")
         return {self.OUTPUT: dest}
 
@@ -244,7 +245,7 @@ class RankRasterAlgorithm(_TileAlgorithm):
         fields = _fields(search.FIELDS)
         sink, dest = self.parameterAsSink(parameters, self.OUTPUT, context, fields, QgsWkbTypes.Polygon, layer.crs())
         _write_rows(sink, fields, search.FIELDS, res.rows)
-        _Style.on_load(context, dest, style_ranking)
+        _Style.on_load(context, dest, lambda layer: set_provenance(style_ranking(layer), res.provenance))
         self._report(feedback, res.warnings, f"{res.ranked} tiles ranked, {res.skipped} skipped")
         return {self.OUTPUT: dest}
 
@@ -280,7 +281,8 @@ class LocalizeRasterAlgorithm(_Base):
         with make_client(settings) as client:
             res = localize.LocalizeProcessor(source, params, common).compute(client, fb)
         write_geotiff(Path(dest), res.heatmaps[0], res.transform, res.crs_wkt, [f"heatmap: {params.queries[0]}"],
-                      localize.NODATA)
-        _Style.on_load(context, dest, lambda layer: style_heatmap(layer, settings.heatmap_opacity))
+                      localize.NODATA, res.provenance[0])
+        _Style.on_load(context, dest, lambda layer: set_provenance(style_heatmap(layer, settings.heatmap_opacity),
+                                                                   res.provenance[0]))
         self._report(feedback, res.warnings, f"heatmap of {source.width} x {source.height} px")
         return {self.OUTPUT: dest}

@@ -9,9 +9,10 @@ from shared_protocol.defaults import DEFAULT_TILE_SIZE, MIN_VALID_SHARE
 
 from ..errors import PluginError
 from ..outputs import unique_path, write_polygons_gpkg
-from .base import MIN_TILE, Common, Feedback, LayerSpec, Outcome, Row, Wire, tile_batches, warnings_of, where_of
+from .base import (MIN_TILE, PROVENANCE_FIELDS, Common, Feedback, LayerSpec, Outcome, Row, Wire, provenance,
+                   tile_batches, warnings_of, where_of)
 
-FIELDS = [("tile", "int"), ("label", "string"), ("score", "double"), ("top", "string")]
+FIELDS = [("tile", "int"), ("label", "string"), ("score", "double"), ("top", "string"), *PROVENANCE_FIELDS]
 
 
 @dataclass
@@ -39,6 +40,7 @@ class ClassifyResult:
     skipped: int = 0
     warnings: List[str] = field(default_factory=list)
     result: Dict[str, Any] = field(default_factory=dict)
+    provenance: Dict[str, Any] = field(default_factory=dict)
 
     def counts(self) -> Dict[str, int]:
         counts: Dict[str, int] = {}
@@ -81,6 +83,10 @@ class ClassifyProcessor:
                          "top": "; ".join(f"{t['label']} {t['score']:.3f}" for t in top)}
                 out.rows.append((b.capture.box_to_map(*[int(v) for v in b.cells[i]]), attrs))
         out.warnings = wire.warnings + warnings_of(out.result)
+        tiling = f"{p.tile_px} px tiles" + (f", stride {p.stride_px} px" if p.stride_px else "")
+        out.provenance = provenance(self.source, self.common, out.result, "classes: " + ", ".join(p.classes), tiling)
+        for _, attrs in out.rows:
+            attrs.update(out.provenance)
         return out
 
     def run(self, client: Any, fb: Feedback) -> Outcome:
@@ -91,7 +97,7 @@ class ClassifyProcessor:
         fb.progress(1.0, "done")
         summary = ", ".join(f"{k}: {v}" for k, v in sorted(res.counts().items(), key=lambda kv: -kv[1]))
         skipped = f" ({res.skipped} skipped: too few valid pixels)" if res.skipped else ""
-        spec = LayerSpec("classification", str(path), "classification", list(self.params.classes))
+        spec = LayerSpec("classification", str(path), "classification", list(self.params.classes), res.provenance)
         return Outcome(self.title, [spec],
                        [a for _, a in res.rows], f"{len(res.rows)} tiles{skipped}; {summary}", res.warnings,
                        res.result, where_of(self.source))

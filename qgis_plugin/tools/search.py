@@ -9,9 +9,10 @@ from shared_protocol.defaults import DEFAULT_TILE_SIZE, MIN_VALID_SHARE
 
 from ..errors import PluginError
 from ..outputs import slug, unique_path, write_polygons_gpkg
-from .base import MIN_TILE, Common, Feedback, LayerSpec, Outcome, Row, Wire, tile_batches, warnings_of, where_of
+from .base import (MIN_TILE, PROVENANCE_FIELDS, Common, Feedback, LayerSpec, Outcome, Row, Wire, provenance,
+                   tile_batches, warnings_of, where_of)
 
-FIELDS = [("rank", "int"), ("score", "double"), ("tile", "int"), ("query", "string")]
+FIELDS = [("rank", "int"), ("score", "double"), ("tile", "int"), *PROVENANCE_FIELDS]
 
 
 @dataclass
@@ -38,6 +39,7 @@ class SearchResult:
     skipped: int = 0
     warnings: List[str] = field(default_factory=list)
     result: Dict[str, Any] = field(default_factory=dict)
+    provenance: Dict[str, Any] = field(default_factory=dict)
 
 
 class SearchProcessor:
@@ -74,10 +76,11 @@ class SearchProcessor:
                 ring = b.capture.box_to_map(*[int(v) for v in b.windows[i]])
                 hits.append((float(m["score"]), b.numbers[i], (ring, {"tile": b.numbers[i]})))
             hits = sorted(hits, key=lambda h: (-h[0], h[1]))[:p.top_k]
+        out.provenance = provenance(self.source, self.common, out.result, p.query, f"{p.tile_px} px tiles")
         for rank, (score, _, (ring, attrs)) in enumerate(hits, start=1):
             xs, ys = zip(*ring, strict=True)
-            attrs.update({"rank": rank, "score": score, "query": p.query, "xmin": min(xs), "ymin": min(ys),
-                          "xmax": max(xs), "ymax": max(ys)})
+            attrs.update({"rank": rank, "score": score, "xmin": min(xs), "ymin": min(ys), "xmax": max(xs),
+                          "ymax": max(ys), **out.provenance})
             out.rows.append((ring, attrs))
         out.warnings = wire.warnings + warnings_of(out.result)
         return out
@@ -90,6 +93,7 @@ class SearchProcessor:
         fb.progress(1.0, "done")
         best = f"best score {res.rows[0][1]['score']:.3f}" if res.rows else "no tiles"
         skipped = f", {res.skipped} skipped (too few valid pixels)" if res.skipped else ""
-        return Outcome(self.title, [LayerSpec("ranking", str(path), f"top {len(res.rows)}: {self.params.query}")],
+        return Outcome(self.title, [LayerSpec("ranking", str(path), f"top {len(res.rows)}: {self.params.query}",
+                                                  provenance=res.provenance)],
                        [a for _, a in res.rows], f"{res.ranked} tiles ranked{skipped}; {best}", res.warnings,
                        res.result, where_of(self.source))

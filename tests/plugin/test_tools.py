@@ -272,3 +272,15 @@ def test_processing_outputs_are_styled_like_the_docks(qgis_app, processing_ready
     assert heatmap.renderer().type() == "singlebandpseudocolor"
     assert {lyr.customProperty("mapquery_rs/output") for lyr in (grid, ranked, heatmap)} == {
         "classification", "ranking", "heatmap"}
+    # provenance: in the layer metadata, the features' attributes and the GeoTIFF's metadata
+    for lyr, query in ((grid, "classes: a, b"), (ranked, "q"), (heatmap, "q")):
+        keywords = lyr.metadata().keywords()["MapQuery"]
+        assert f"query={query}" in keywords and any(k.startswith("date=20") for k in keywords), keywords
+        assert "resolution: 0.001" in lyr.metadata().abstract()
+    f = next(grid.getFeatures())
+    assert f["query"] == "classes: a, b" and f["tiling"] == "20 px tiles" and f["resolution"] == pytest.approx(0.001)
+    assert f["adapter"] == "(base model)" and f["model"] == "?"  # the scripted backend names no model
+    assert next(ranked.getFeatures())["query"] == "q"
+    ds = gdal.Open(heat["OUTPUT"])
+    md = ds.GetMetadata()
+    assert md["MAPQUERY_QUERY"] == "q" and md["MAPQUERY_TILING"].startswith("SeLo windows")
