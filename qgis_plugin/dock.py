@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from qgis.core import (Qgis, QgsApplication, QgsCoordinateTransform, QgsMapLayerProxyModel, QgsMapRendererParallelJob,
@@ -14,7 +15,7 @@ from qgis.core import (Qgis, QgsApplication, QgsCoordinateTransform, QgsMapLayer
 from qgis.gui import QgsCheckableComboBox, QgsMapLayerComboBox
 from qgis.PyQt.QtCore import Qt, QTimer
 from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QDockWidget, QDoubleSpinBox, QFormLayout, QFrame, QGroupBox,
-                                 QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit, QProgressBar, QPushButton,
+                                 QFileDialog, QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit, QProgressBar, QPushButton,
                                  QScrollArea, QSpinBox, QTableWidget, QTableWidgetItem, QTabWidget, QVBoxLayout,
                                  QWidget)
 
@@ -26,12 +27,12 @@ from .errors import PluginError, is_cancel, plain_message
 from .layers import is_output, project_sources
 from .manager import BackendManager
 from .masks import AreaOfInterest
-from .outputs import output_dir
+from .outputs import output_dir, write_csv
 from .settings_dialog import PRESETS, SettingsDialog
 from .sources import CaptureSource
 from .tasks import MapQueryTask, add_outcome
 from .tools.base import Common, tile_pixels
-from .tools.classify import ClassifyParams, ClassifyProcessor
+from .tools.classify import TABLE_FIELDS, ClassifyParams, ClassifyProcessor
 from .tools.localize import LocalizeParams, LocalizeProcessor
 from .tools.search import SearchParams, SearchProcessor
 
@@ -323,6 +324,15 @@ class MapQueryDock(QDockWidget):
         btn = QPushButton("Classify")
         btn.clicked.connect(lambda: self.run_tool("classify"))
         form.addRow(btn)
+        self.class_table = QTableWidget(0, 4)
+        self.class_table.setHorizontalHeaderLabels(["class", "tiles", "km²", "share"])
+        self.class_table.setEditTriggers(QTableWidget.NoEditTriggers)
+        self.class_table.setMaximumHeight(160)
+        self.class_rows: List[Dict[str, Any]] = []
+        export = QPushButton("Export CSV…")
+        export.clicked.connect(self.export_class_table)
+        form.addRow(self.class_table)
+        form.addRow(export)
         return w
 
     def _search_tab(self) -> QWidget:
@@ -626,8 +636,32 @@ class MapQueryDock(QDockWidget):
         self.progress.setValue(100)
         if isinstance(task.processor, SearchProcessor):
             self.show_hits(outcome.rows, task.processor.source.capture)
+        if isinstance(task.processor, ClassifyProcessor):
+            self.show_class_table(outcome.table)
         warn = f" ({'; '.join(outcome.warnings)})" if outcome.warnings else ""
         self.message(f"{outcome.title}: {outcome.summary}{warn}", Qgis.Warning if warn else Qgis.Success)
+
+    def show_class_table(self, rows: List[Dict[str, Any]]) -> None:
+        """Per-class tiles, area and share of the last classification."""
+        self.class_rows = rows
+        self.class_table.setRowCount(len(rows))
+        for i, r in enumerate(rows):
+            cells = (r["label"], str(r["tiles"]), f"{r['area_km2']:.3f}", f"{100 * r['share']:.1f} %")
+            for j, text in enumerate(cells):
+                self.class_table.setItem(i, j, QTableWidgetItem(text))
+
+    def export_class_table(self, path: str = "") -> Optional[str]:
+        """Write the class table as CSV (asks where when ``path`` is empty)."""
+        if not self.class_rows:
+            self.message("Classify first: there is no table to export.", Qgis.Info)
+            return None
+        if not path:
+            path, _ = QFileDialog.getSaveFileName(self, "Export the class table", "", "CSV (*.csv)")
+            if not path:
+                return None
+        write_csv(Path(path), TABLE_FIELDS, self.class_rows)
+        self.message(f"Class table written to {path}", Qgis.Success, 4)
+        return path
 
     def show_hits(self, rows: List[Dict[str, Any]], capture: cap_mod.Capture) -> None:
         self.search_hits = rows

@@ -149,3 +149,14 @@ def write_polygons_gpkg(path: Path, layer_name: str, fields: Sequence[Tuple[str,
             if p.exists():
                 p.unlink()
     return path
+
+
+def write_csv(path: Path, fields: Sequence[str], rows: Sequence[Dict[str, Any]]) -> Path:
+    """Write ``rows`` (dicts) as a UTF-8 CSV with a header (temp name, then rename)."""
+    import csv
+    import io
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_bytes(Path(path), buf.getvalue().encode("utf-8"))

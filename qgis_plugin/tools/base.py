@@ -68,6 +68,7 @@ class Outcome:
     warnings: List[str] = field(default_factory=list)
     result: Dict[str, Any] = field(default_factory=dict)  # the last raw reply result (for scripts, tests)
     where: str = ""  # which raster(s) and area, e.g. "RGB.byte, map view, AOI fields (selection)"
+    table: List[Dict[str, Any]] = field(default_factory=list)  # classify: per-class counts and areas
 
     def group_name(self) -> str:
         return f"{self.title} [{self.where}]" if self.where else self.title

@@ -12,6 +12,28 @@ from ..outputs import unique_path, write_polygons_gpkg
 from .base import (MIN_TILE, PROVENANCE_FIELDS, Common, Feedback, LayerSpec, Outcome, Row, Wire, provenance,
                    tile_batches, warnings_of, where_of)
 
+TABLE_FIELDS = ("label", "tiles", "area_km2", "share")
+
+
+def class_table(rows: Sequence[Row], crs: Any) -> List[Dict[str, Any]]:
+    """Per class: tiles, their ellipsoidal area (km2, cells clipped to the capture) and share of the labelled
+    area, most tiles first."""
+    from qgis.core import QgsCoordinateTransformContext, QgsDistanceArea, QgsGeometry, QgsPointXY, QgsUnitTypes
+    da = QgsDistanceArea()
+    da.setSourceCrs(crs, QgsCoordinateTransformContext())
+    da.setEllipsoid(crs.ellipsoidAcronym() or "EPSG:7030")
+    per: Dict[str, List[float]] = {}
+    for ring, attrs in rows:
+        area = da.measureArea(QgsGeometry.fromPolygonXY([[QgsPointXY(x, y) for x, y in ring]]))
+        km2 = da.convertAreaMeasurement(area, QgsUnitTypes.AreaSquareKilometers)
+        entry = per.setdefault(attrs["label"], [0, 0.0])
+        entry[0] += 1
+        entry[1] += km2
+    total = sum(a for _, a in per.values()) or 1.0
+    return [{"label": k, "tiles": n, "area_km2": a, "share": a / total}
+            for k, (n, a) in sorted(per.items(), key=lambda kv: (-kv[1][0], kv[0]))]
+
+
 FIELDS = [("tile", "int"), ("label", "string"), ("score", "double"), ("top", "string"), *PROVENANCE_FIELDS]
 
 
@@ -100,4 +122,4 @@ class ClassifyProcessor:
         spec = LayerSpec("classification", str(path), "classification", list(self.params.classes), res.provenance)
         return Outcome(self.title, [spec],
                        [a for _, a in res.rows], f"{len(res.rows)} tiles{skipped}; {summary}", res.warnings,
-                       res.result, where_of(self.source))
+                       res.result, where_of(self.source), class_table(res.rows, self.source.crs()))

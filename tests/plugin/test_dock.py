@@ -131,6 +131,20 @@ def test_dock_shows_status_and_runs_the_three_tools(plugin, project, tmp_path):
     assert len(windows) == 5 * 4
     kept = [i for i, (x0, y0, x1, y1) in enumerate(windows) if valid[y0:y1, x0:x1].mean() >= 0.5]
     assert sorted(f["tile"] for f in grid.getFeatures()) == kept and 0 < len(kept) < 20
+    # the class table: tiles and areas per class (cells of 96 x 600 m in UTM: planar area within 0.5 %)
+    import csv
+    counts = {}
+    for f in grid.getFeatures():
+        c = counts.setdefault(f["label"], [0, 0.0])
+        c[0] += 1
+        c[1] += f.geometry().area() / 1e6
+    assert {r["label"]: r["tiles"] for r in dock.class_rows} == {k: n for k, (n, _) in counts.items()}
+    for r in dock.class_rows:
+        assert r["area_km2"] == pytest.approx(counts[r["label"]][1], rel=5e-3)
+    assert dock.class_table.rowCount() == len(counts)
+    written = list(csv.DictReader(open(dock.export_class_table(str(tmp_path / "classes.csv")))))
+    assert [(w["label"], int(w["tiles"])) for w in written] == [(r["label"], r["tiles"]) for r in dock.class_rows]
+    assert sum(float(w["share"]) for w in written) == pytest.approx(1.0)
     assert all(p.parent == (tmp_path / "outputs") for p in
                [__import__("pathlib").Path(l.layer().source().split("|")[0]) for g in groups for l in g.findLayers()])
     # the search hits are listed; clicking one zooms the canvas onto that tile
