@@ -31,9 +31,9 @@ from .outputs import output_dir, write_csv
 from .settings_dialog import PRESETS, SettingsDialog
 from .sources import CaptureSource
 from .tasks import MapQueryTask, add_outcome
-from .tools.base import Common, tile_pixels
+from .tools.base import Common, Outcome, tile_pixels
 from .tools.classify import TABLE_FIELDS, ClassifyParams, ClassifyProcessor
-from .tools.localize import LocalizeParams, LocalizeProcessor
+from .tools.localize import LocalizeParams, LocalizeProcessor, heatmap_regions
 from .tools.search import SearchParams, SearchProcessor
 
 def clipped_labels(root: QWidget) -> List[str]:
@@ -95,6 +95,7 @@ class MapQueryDock(QDockWidget):
         self._restarts = 0
         self._user_stopped = False
         self.search_hits: List[Dict[str, Any]] = []
+        self.last_heatmap: Optional[str] = None
         self._search_crs = None
 
         body = QWidget()
@@ -369,6 +370,17 @@ class MapQueryDock(QDockWidget):
         btn = QPushButton("Localize")
         btn.clicked.connect(lambda: self.run_tool("localize"))
         form.addRow(btn)
+        self.threshold = QDoubleSpinBox()
+        self.threshold.setRange(0.0, 1.0)
+        self.threshold.setSingleStep(0.05)
+        self.threshold.setValue(0.5)
+        regions = QPushButton("Polygons")
+        regions.setToolTip("Outline the last heatmap's regions at or above the threshold (a GeoPackage layer)")
+        regions.clicked.connect(lambda: self.heatmap_regions())
+        row = QHBoxLayout()
+        row.addWidget(self.threshold, 1)
+        row.addWidget(regions)
+        form.addRow("Threshold", row)
         return w
 
     # -- messages -----------------------------------------------------------------------------------
@@ -638,8 +650,37 @@ class MapQueryDock(QDockWidget):
             self.show_hits(outcome.rows, task.processor.source.capture)
         if isinstance(task.processor, ClassifyProcessor):
             self.show_class_table(outcome.table)
+        if isinstance(task.processor, LocalizeProcessor):
+            self.last_heatmap = outcome.layers[0].path if outcome.layers else None
         warn = f" ({'; '.join(outcome.warnings)})" if outcome.warnings else ""
         self.message(f"{outcome.title}: {outcome.summary}{warn}", Qgis.Warning if warn else Qgis.Success)
+
+    def heatmap_regions(self, then=None) -> None:
+        """Polygons of the chosen heatmap (the active layer when it is one, else the last one) at the threshold,
+        made in a background task and added as a layer."""
+        active = self.iface.activeLayer() if hasattr(self.iface, "activeLayer") else None
+        path = active.source() if active is not None and is_output(active) and \
+            active.customProperty("mapquery_rs/output") == "heatmap" else self.last_heatmap
+        if not path:
+            self.message("Localize first (or select a heatmap layer): there is no heatmap to outline.", Qgis.Info)
+            return
+        threshold, common = self.threshold.value(), self._common()
+
+        def work(task):
+            return heatmap_regions(path, threshold, common)
+
+        def done(exception, spec=None) -> None:
+            self._jobs.remove(task)
+            if exception is not None:
+                self.message(plain_message(exception, "Polygons"), Qgis.Critical)
+                return
+            group, layers = add_outcome(Outcome(spec.name, [spec]), QgsProject.instance())
+            if then is not None:
+                then(layers[0])
+
+        task = QgsTask.fromFunction("MapQuery: heatmap regions", work, on_finished=done)
+        self._jobs.append(task)
+        QgsApplication.taskManager().addTask(task)
 
     def show_class_table(self, rows: List[Dict[str, Any]]) -> None:
         """Per-class tiles, area and share of the last classification."""

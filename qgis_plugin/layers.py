@@ -159,6 +159,16 @@ def style_ranking(layer: QgsVectorLayer) -> QgsVectorLayer:
     return mark_output(layer, "ranking")
 
 
+def regions_layer(path: str, name: str) -> QgsVectorLayer:
+    """Heatmap regions above a threshold: red outlines."""
+    layer = QgsVectorLayer(path, name, "ogr")
+    if not layer.isValid():
+        raise PluginError(f"QGIS cannot open the regions {path}")
+    layer.renderer().setSymbol(QgsFillSymbol.createSimple({"color": "255,0,0,30", "outline_color": "#e31a1c",
+                                                           "outline_width": "0.6"}))
+    return mark_output(layer, "regions")
+
+
 def project_sources(project: Optional[QgsProject] = None) -> List[str]:
     """The file sources of the project's layers (to never hand out one of them as an output name)."""
     project = project or QgsProject.instance()

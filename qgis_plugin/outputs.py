@@ -160,3 +160,42 @@ def write_csv(path: Path, fields: Sequence[str], rows: Sequence[Dict[str, Any]])
     writer.writeheader()
     writer.writerows(rows)
     return atomic_write_bytes(Path(path), buf.getvalue().encode("utf-8"))
+
+
+def write_mask_polygons_gpkg(path: Path, mask: np.ndarray, transform: Sequence[float], crs_wkt: str,
+                             attrs: Dict[str, Any], layer_name: str = "regions") -> Path:
+    """The connected regions of a boolean ``mask`` (on the grid of the affine ``transform``) as polygons in a new
+    GeoPackage, each with ``attrs`` (strings or numbers) and its ``pixels`` count (temp name, then rename)."""
+    from osgeo import gdal, ogr, osr
+    h, w = mask.shape
+    a, b, c, d, e, f = transform
+    mem = gdal.GetDriverByName("MEM").Create("", w, h, 1, gdal.GDT_Byte)
+    mem.SetGeoTransform((c, a, b, f, d, e))
+    band = mem.GetRasterBand(1)
+    band.WriteArray(mask.astype(np.uint8))
+    srs = osr.SpatialReference()
+    if crs_wkt:
+        srs.ImportFromWkt(crs_wkt)
+    tmp = _temp_sibling(path)
+    try:
+        ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(tmp))
+        lyr = ds.CreateLayer(layer_name, srs if crs_wkt else None, ogr.wkbPolygon)
+        lyr.CreateField(ogr.FieldDefn("pixels", ogr.OFTInteger))
+        for name, value in attrs.items():
+            lyr.CreateField(ogr.FieldDefn(name, ogr.OFTReal if isinstance(value, float) else ogr.OFTString))
+        if gdal.Polygonize(band, band, lyr, 0) != 0:
+            raise PluginError(f"GDAL could not polygonize {path.name}")
+        px_area = abs(a * e - b * d)
+        lyr.ResetReading()
+        for feat in lyr:
+            feat.SetField("pixels", int(round(feat.GetGeometryRef().GetArea() / px_area)))
+            for name, value in attrs.items():
+                feat.SetField(name, value)
+            lyr.SetFeature(feat)
+        ds = None
+        os.replace(tmp, path)
+    finally:
+        for p in (tmp, Path(str(tmp) + "-wal"), Path(str(tmp) + "-shm")):
+            if p.exists():
+                p.unlink()
+    return path

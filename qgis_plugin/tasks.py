@@ -10,7 +10,7 @@ from qgis.core import QgsApplication, QgsProject, QgsTask
 
 from .connection import make_client
 from .errors import plain_message
-from .layers import add_group, classification_layer, heatmap_layer, ranking_layer, set_provenance
+from .layers import add_group, classification_layer, heatmap_layer, ranking_layer, regions_layer, set_provenance
 from .tools.base import Feedback, Outcome
 from .settings import Settings
 
@@ -67,6 +67,8 @@ def build_layers(outcome: Outcome, opacity: float = 0.6) -> List[Any]:
             layer = classification_layer(spec.path, spec.name, spec.classes)
         elif spec.kind == "ranking":
             layer = ranking_layer(spec.path, spec.name)
+        elif spec.kind == "regions":
+            layer = regions_layer(spec.path, spec.name)
         else:
             continue
         layers.append(set_provenance(layer, spec.provenance))

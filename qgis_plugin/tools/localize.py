@@ -21,7 +21,7 @@ from shared_protocol.ops import SMOOTH_WORK_KERNEL
 
 from ..errors import PluginError
 from ..masks import valid_share
-from ..outputs import slug, unique_path, write_geotiff
+from ..outputs import slug, unique_path, write_geotiff, write_mask_polygons_gpkg
 from .base import Common, Feedback, LayerSpec, Outcome, Wire, provenance, warnings_of, where_of
 
 NODATA = float("nan")
@@ -143,3 +143,26 @@ class LocalizeProcessor:
                        f"{len(specs)} heatmap(s) of {w} x {h} px from {res.windows or '?'} windows"
                        + (f"; {100 * valid:.0f} % of the pixels valid" if valid < 1 else ""), res.warnings,
                        res.result, where_of(self.source))
+
+
+def heatmap_regions(heatmap_path: str, threshold: float, common: Common) -> LayerSpec:
+    """The regions of a heatmap GeoTIFF at or above ``threshold`` (NaN = nodata never counts) as polygons in a
+    new GeoPackage of the output folder."""
+    from osgeo import gdal
+    if not 0.0 <= threshold <= 1.0:
+        raise PluginError(f"the threshold must be between 0 and 1, not {threshold:g}")
+    ds = gdal.Open(str(heatmap_path))
+    if ds is None:
+        raise PluginError(f"cannot open the heatmap {heatmap_path}")
+    band = ds.GetRasterBand(1)
+    heat = band.ReadAsArray().astype(np.float32)
+    c, a, b, f, d, e = ds.GetGeoTransform()
+    name = band.GetDescription() or Path(heatmap_path).stem
+    query = name.split(": ", 1)[-1]
+    mask = np.isfinite(heat) & (heat >= threshold)
+    path = unique_path(Path(common.out_dir), f"regions_{slug(query)}", ".gpkg", common.taken)
+    write_mask_polygons_gpkg(path, mask, (a, b, c, d, e, f), ds.GetProjection(),
+                             {"query": query, "threshold": float(threshold), **{
+                                 k[len("MAPQUERY_"):].lower(): v for k, v in (ds.GetMetadata() or {}).items()
+                                 if k.startswith("MAPQUERY_") and k != "MAPQUERY_QUERY"}})
+    return LayerSpec("regions", str(path), f"regions >= {threshold:g}: {query}")

@@ -147,6 +147,13 @@ def test_dock_shows_status_and_runs_the_three_tools(plugin, project, tmp_path):
     assert sum(float(w["share"]) for w in written) == pytest.approx(1.0)
     assert all(p.parent == (tmp_path / "outputs") for p in
                [__import__("pathlib").Path(l.layer().source().split("|")[0]) for g in groups for l in g.findLayers()])
+    # the heatmap's regions at a threshold, from the dock
+    got = []
+    dock.threshold.setValue(0.5)
+    dock.heatmap_regions(then=got.append)
+    spin(lambda: got)
+    assert got[0].featureCount() > 0 and got[0].customProperty("mapquery_rs/output") == "regions"
+    assert project.layerTreeRoot().children()[0].name().startswith("MapQuery: regions >= 0.5: ")
     # the search hits are listed; clicking one zooms the canvas onto that tile
     assert dock.results.rowCount() == 10
     hit = dock.search_hits[0]

@@ -284,3 +284,28 @@ def test_processing_outputs_are_styled_like_the_docks(qgis_app, processing_ready
     ds = gdal.Open(heat["OUTPUT"])
     md = ds.GetMetadata()
     assert md["MAPQUERY_QUERY"] == "q" and md["MAPQUERY_TILING"].startswith("SeLo windows")
+
+
+def test_heatmap_regions_follow_the_threshold_and_never_cover_nodata(qgis_app, tmp_path):
+    from qgis_plugin.masks import rasterize
+    from qgis_plugin.outputs import write_geotiff
+    from qgis_plugin.tools.localize import heatmap_regions
+    rows, cols = np.mgrid[0:60, 0:80]
+    heat = np.exp(-((rows - 20) ** 2 + (cols - 20) ** 2) / 80.0) + np.exp(-((rows - 40) ** 2 + (cols - 60) ** 2) / 50.0)
+    heat = (heat / heat.max()).astype(np.float32)
+    heat[:, 59:61] = np.nan  # a nodata stripe through the second blob
+    transform = (30.0, 0.0, 500000.0, 0.0, -30.0, 4200000.0)
+    from qgis.core import QgsCoordinateReferenceSystem
+    wkt = QgsCoordinateReferenceSystem("EPSG:32618").toWkt()
+    src = write_geotiff(tmp_path / "h.tif", heat, transform, wkt, ["heatmap: harbour"], float("nan"),
+                        {"model": "tiny"})
+    spec = heatmap_regions(str(src), 0.6, Common(tmp_path))
+    layer = QgsVectorLayer(spec.path, "r")
+    expected = np.isfinite(heat) & (heat >= 0.6)
+    feats = list(layer.getFeatures())
+    assert len(feats) == 3  # one blob, the other cut in two by the nodata stripe
+    assert sum(f["pixels"] for f in feats) == expected.sum()
+    assert {(f["query"], f["threshold"], f["model"]) for f in feats} == {("harbour", 0.6, "tiny")}
+    back = rasterize([bytes(f.geometry().asWkb()) for f in feats], transform, 60, 80)
+    assert np.array_equal(back.astype(bool), expected)  # exactly the pixels at or above it, never NaN ones
+    assert layer.crs().authid() == "EPSG:32618"
