@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 
 from qgis.core import (Qgis, QgsApplication, QgsCoordinateTransform, QgsMapLayerProxyModel, QgsMapRendererParallelJob,
                        QgsProject, QgsRasterLayer, QgsRectangle, QgsTask, QgsUnitTypes)
-from qgis.gui import QgsCheckableComboBox, QgsMapLayerComboBox
+from qgis.gui import QgsCheckableComboBox, QgsMapLayerComboBox, QgsMapToolEmitPoint
 from qgis.PyQt.QtCore import Qt, QTimer
 from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QDockWidget, QDoubleSpinBox, QFormLayout, QFrame, QGroupBox,
                                  QFileDialog, QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit, QProgressBar, QPushButton,
@@ -34,7 +34,7 @@ from .tasks import MapQueryTask, add_outcome
 from .tools.base import Common, Outcome, tile_pixels
 from .tools.classify import TABLE_FIELDS, ClassifyParams, ClassifyProcessor
 from .tools.localize import LocalizeParams, LocalizeProcessor, heatmap_regions
-from .tools.search import SearchParams, SearchProcessor
+from .tools.search import SearchParams, SearchProcessor, example_tile
 
 def clipped_labels(root: QWidget) -> List[str]:
     """The texts of the visible labels under ``root`` that do not fit their size (the layout check for small
@@ -96,6 +96,8 @@ class MapQueryDock(QDockWidget):
         self._user_stopped = False
         self.search_hits: List[Dict[str, Any]] = []
         self.last_heatmap: Optional[str] = None
+        self._previous_tool: Any = None
+        self._example_tool: Any = None
         self._search_crs = None
 
         body = QWidget()
@@ -351,7 +353,13 @@ class MapQueryDock(QDockWidget):
         form.addRow("Top-k", self.srch_topk)
         btn = QPushButton("Search")
         btn.clicked.connect(lambda: self.run_tool("search"))
-        form.addRow(btn)
+        example = QPushButton("By example…")
+        example.setToolTip("Click a tile on the map: find the tiles most like it")
+        example.clicked.connect(self.pick_example)
+        row = QHBoxLayout()
+        row.addWidget(btn, 1)
+        row.addWidget(example)
+        form.addRow(row)
         self.results = QTableWidget(0, 2)
         self.results.setHorizontalHeaderLabels(["rank", "score"])
         self.results.setEditTriggers(QTableWidget.NoEditTriggers)
@@ -586,7 +594,7 @@ class MapQueryDock(QDockWidget):
         return Common(output_dir(self.manager.settings.output_dir, project.homePath()),
                       self.adapter_combo.currentData(), project_sources(project))
 
-    def make_processor(self, tool: str, capture: cap_mod.Capture):
+    def make_processor(self, tool: str, capture: cap_mod.Capture, example=None):
         common, source, res = self._common(), CaptureSource(capture), abs(capture.transform[0])
         if tool == "classify":
             tile = tile_pixels(self.cls_tile.value(), self.cls_unit.currentData(), res)
@@ -594,17 +602,48 @@ class MapQueryDock(QDockWidget):
             return ClassifyProcessor(source, params, common)
         if tool == "search":
             tile = tile_pixels(self.srch_tile.value(), self.srch_unit.currentData(), res)
-            return SearchProcessor(source, SearchParams(self.search_edit.text(), tile, self.srch_topk.value()), common)
+            if example is None:
+                return SearchProcessor(source, SearchParams(self.search_edit.text(), tile, self.srch_topk.value()),
+                                       common)
+            canvas_crs = self._canvas().mapSettings().destinationCrs()
+            if canvas_crs != capture.qgs_crs():
+                example = QgsCoordinateTransform(canvas_crs, capture.qgs_crs(), QgsProject.instance()).transform(
+                    example)
+            pixels, mask = example_tile(capture, example.x(), example.y(), tile)
+            name = f"like the tile at {example.x():.6g}, {example.y():.6g}"
+            return SearchProcessor(source, SearchParams(name, tile, self.srch_topk.value(), example=pixels,
+                                                        example_mask=mask), common)
         return LocalizeProcessor(source, LocalizeParams(self.localize_edit.text().split(";")), common)
 
-    def run_tool(self, tool: str) -> None:
+    def pick_example(self) -> None:
+        """Search by example: the next click on the map picks the example tile."""
+        canvas = self._canvas()
+        self._previous_tool = canvas.mapTool()
+        self._example_tool = QgsMapToolEmitPoint(canvas)
+        self._example_tool.canvasClicked.connect(self._example_clicked)
+        canvas.setMapTool(self._example_tool)
+        self.message("Click a tile on the map: MapQuery finds the tiles most like it.", Qgis.Info, 4)
+
+    def _example_clicked(self, point, _button=None) -> None:
+        canvas = self._canvas()
+        if self._previous_tool is not None:
+            canvas.setMapTool(self._previous_tool)
+        else:
+            canvas.unsetMapTool(self._example_tool)
+        self.search_by_example(point)
+
+    def search_by_example(self, point) -> None:
+        """Rank the capture's tiles by their similarity to the tile around ``point`` (canvas CRS)."""
+        self.run_tool("search", example=point)
+
+    def run_tool(self, tool: str, example=None) -> None:
         if self.active is not None and not self.active.done:
             self.message("A MapQuery request is still running; cancel it or wait.", Qgis.Warning)
             return
 
         def start(capture: cap_mod.Capture) -> None:
             try:
-                processor = self.make_processor(tool, capture)
+                processor = self.make_processor(tool, capture, example)
             except PluginError as exc:
                 self.message(str(exc), Qgis.Warning)
                 return

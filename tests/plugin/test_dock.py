@@ -334,3 +334,34 @@ def test_tile_size_units_are_named_and_converted(plugin, project):
     dock.srch_tile.setValue(100)
     dock.srch_unit.setCurrentIndex(1)
     assert dock.srch_tile.value() == pytest.approx(0.1)
+
+
+def test_search_by_example_clicked_on_the_map(plugin, project):
+    """Click a tile: `rank` with it as the query image finds that very tile first (same pixels, same embedding)."""
+    from qgis.core import QgsPointXY
+    from qgis_plugin.tools.base import grid_windows
+    plugin, iface, layer = plugin
+    dock = plugin.show_dock()
+    spin(lambda: "connected" in dock.status_label.text() and "not" not in dock.status_label.text())
+    dock.resolution.setValue(900.0)
+    dock.source_combo.setCurrentIndex(dock.source_combo.findData("view"))
+    dock.srch_tile.setValue(32)
+    got = []
+    dock.capture_async(got.append)
+    spin(lambda: got)
+    cap = got[0]
+    valid = cap.valid()
+    _, windows = grid_windows(cap.height, cap.width, 32)
+    full = [i for i, (x0, y0, x1, y1) in enumerate(windows) if valid[y0:y1, x0:x1].all() and x1 - x0 == 32
+            and x0 % 32 == 0 and y0 % 32 == 0]
+    k = full[len(full) // 2]
+    x0, y0 = windows[k][:2]
+    point = QgsPointXY(*cap.pixel_to_map(x0 + 16, y0 + 16))
+    dock.pick_example()
+    assert iface.canvas.mapTool() is dock._example_tool
+    seen = len(iface.bar.messages)
+    dock._example_tool.canvasClicked.emit(point, Qt.LeftButton)
+    assert iface.canvas.mapTool() is not dock._example_tool  # one click, then the previous tool is back
+    spin(lambda: len(iface.bar.messages) > seen and dock.active is None)
+    assert iface.bar.messages[-1][1].startswith("search: like the tile at"), iface.bar.messages[-1]
+    assert dock.search_hits[0]["tile"] == k and dock.search_hits[0]["score"] == pytest.approx(1.0, abs=1e-3)
