@@ -314,7 +314,9 @@ def read_bands(layer, bands: Optional[Sequence[int]] = None, extent=None, resolu
     arrays = [block_to_array(provider.block(b, ext, w, h)) for b in bands]
     invalid = np.zeros((h, w), bool)
     for b, arr in zip(bands, arrays, strict=True):
-        invalid |= band_invalid(provider, b, arr)
+        nodata = band_invalid(provider, b, arr)
+        arr[nodata] = 0  # a band's nodata cells read as 0 (the mask says the pixel is invalid)
+        invalid |= nodata
     for b in alpha_bands(provider):
         invalid |= block_to_array(provider.block(b, ext, w, h)) == 0
     mask = (~invalid).astype(np.uint8)
@@ -322,6 +324,5 @@ def read_bands(layer, bands: Optional[Sequence[int]] = None, extent=None, resolu
         mask = combine(mask, src.footprint.mask(transform, h, w, src.crs))
     notes: List[str] = []
     pixels = to_wire(np.stack(arrays, axis=2), notes, mask)
-    pixels[mask == 0] = 0  # like a rendering: nothing where there is no data
     authid, wkt = crs_strings(src.crs)
     return Capture(pixels, transform, wkt, authid, f"bands {bands} of {src.name}", notes, mask)

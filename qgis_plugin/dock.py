@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from qgis.core import (Qgis, QgsApplication, QgsCoordinateTransform, QgsMapLayerProxyModel, QgsMapRendererParallelJob,
                        QgsProject, QgsRasterLayer, QgsRectangle, QgsTask, QgsUnitTypes)
-from qgis.gui import QgsCheckableComboBox, QgsMapLayerComboBox
+from qgis.gui import QgsCheckableComboBox, QgsMapLayerComboBox, QgsMapToolEmitPoint
 from qgis.PyQt.QtCore import Qt, QTimer
 from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QDockWidget, QDoubleSpinBox, QFormLayout, QFrame, QGroupBox,
-                                 QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit, QProgressBar, QPushButton,
+                                 QFileDialog, QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit, QProgressBar, QPushButton,
                                  QScrollArea, QSpinBox, QTableWidget, QTableWidgetItem, QTabWidget, QVBoxLayout,
                                  QWidget)
 
@@ -26,14 +27,14 @@ from .errors import PluginError, is_cancel, plain_message
 from .layers import is_output, project_sources
 from .manager import BackendManager
 from .masks import AreaOfInterest
-from .outputs import output_dir
+from .outputs import output_dir, write_csv
 from .settings_dialog import PRESETS, SettingsDialog
 from .sources import CaptureSource
 from .tasks import MapQueryTask, add_outcome
-from .tools.base import Common, tile_pixels
-from .tools.classify import ClassifyParams, ClassifyProcessor
-from .tools.localize import LocalizeParams, LocalizeProcessor
-from .tools.search import SearchParams, SearchProcessor
+from .tools.base import Common, Outcome, tile_pixels
+from .tools.classify import TABLE_FIELDS, ClassifyParams, ClassifyProcessor
+from .tools.localize import LocalizeParams, LocalizeProcessor, heatmap_regions
+from .tools.search import SearchParams, SearchProcessor, example_tile
 
 def clipped_labels(root: QWidget) -> List[str]:
     """The texts of the visible labels under ``root`` that do not fit their size (the layout check for small
@@ -56,6 +57,13 @@ def clipped_labels(root: QWidget) -> List[str]:
         if cut or label.width() < need_w or label.height() < need_h:
             out.append(label.text())
     return out
+
+
+def describe_area(names: List[str], area: str, aoi: Optional[AreaOfInterest]) -> str:
+    """Which raster(s) and area a result comes from, for its group's name."""
+    rasters = ", ".join(names)
+    rasters = rasters if len(rasters) <= 60 else rasters[:57] + "..."
+    return f"{rasters}, {area}" + (f", AOI {aoi.name}" if aoi is not None else "")
 
 
 def breakable(text: str) -> str:
@@ -87,6 +95,9 @@ class MapQueryDock(QDockWidget):
         self._restarts = 0
         self._user_stopped = False
         self.search_hits: List[Dict[str, Any]] = []
+        self.last_heatmap: Optional[str] = None
+        self._previous_tool: Any = None
+        self._example_tool: Any = None
         self._search_crs = None
 
         body = QWidget()
@@ -316,6 +327,15 @@ class MapQueryDock(QDockWidget):
         btn = QPushButton("Classify")
         btn.clicked.connect(lambda: self.run_tool("classify"))
         form.addRow(btn)
+        self.class_table = QTableWidget(0, 4)
+        self.class_table.setHorizontalHeaderLabels(["class", "tiles", "km²", "share"])
+        self.class_table.setEditTriggers(QTableWidget.NoEditTriggers)
+        self.class_table.setMaximumHeight(160)
+        self.class_rows: List[Dict[str, Any]] = []
+        export = QPushButton("Export CSV…")
+        export.clicked.connect(self.export_class_table)
+        form.addRow(self.class_table)
+        form.addRow(export)
         return w
 
     def _search_tab(self) -> QWidget:
@@ -333,7 +353,13 @@ class MapQueryDock(QDockWidget):
         form.addRow("Top-k", self.srch_topk)
         btn = QPushButton("Search")
         btn.clicked.connect(lambda: self.run_tool("search"))
-        form.addRow(btn)
+        example = QPushButton("By example…")
+        example.setToolTip("Click a tile on the map: find the tiles most like it")
+        example.clicked.connect(self.pick_example)
+        row = QHBoxLayout()
+        row.addWidget(btn, 1)
+        row.addWidget(example)
+        form.addRow(row)
         self.results = QTableWidget(0, 2)
         self.results.setHorizontalHeaderLabels(["rank", "score"])
         self.results.setEditTriggers(QTableWidget.NoEditTriggers)
@@ -352,6 +378,17 @@ class MapQueryDock(QDockWidget):
         btn = QPushButton("Localize")
         btn.clicked.connect(lambda: self.run_tool("localize"))
         form.addRow(btn)
+        self.threshold = QDoubleSpinBox()
+        self.threshold.setRange(0.0, 1.0)
+        self.threshold.setSingleStep(0.05)
+        self.threshold.setValue(0.5)
+        regions = QPushButton("Polygons")
+        regions.setToolTip("Outline the last heatmap's regions at or above the threshold (a GeoPackage layer)")
+        regions.clicked.connect(lambda: self.heatmap_regions())
+        row = QHBoxLayout()
+        row.addWidget(self.threshold, 1)
+        row.addWidget(regions)
+        form.addRow("Threshold", row)
         return w
 
     # -- messages -----------------------------------------------------------------------------------
@@ -510,9 +547,11 @@ class MapQueryDock(QDockWidget):
                 raise PluginError("choose a layer whose extent to capture")
             extent = cap_mod.layer_extent_in(layer, crs)
             layers = [layer] if isinstance(layer, QgsRasterLayer) else self.imagery_layers()
+            area = "layer extent" if isinstance(layer, QgsRasterLayer) else f"extent of {layer.name()}"
         else:
             extent = canvas.extent()
             layers = self.imagery_layers()
+            area = "map view"
         if not layers:
             raise PluginError("no imagery to capture: show a raster layer, or check one under Imagery")
         ms = cap_mod.map_settings(layers, extent, crs, res)
@@ -522,7 +561,9 @@ class MapQueryDock(QDockWidget):
         def done() -> None:
             self._jobs.remove(job)
             try:
-                then(cap_mod.capture_from_image(job.renderedImage(), ms).restrict(aoi))
+                cap = cap_mod.capture_from_image(job.renderedImage(), ms).restrict(aoi)
+                cap.source = describe_area([lyr.name() for lyr in layers], area, aoi)
+                then(cap)
             except Exception as exc:  # noqa: BLE001
                 self.message(plain_message(exc, "Capture"), Qgis.Critical)
         job.finished.connect(done)
@@ -531,7 +572,10 @@ class MapQueryDock(QDockWidget):
     def _read_bands_async(self, source, bands, view, res, aoi, then) -> None:
         """Read raw bands in a background task (a large read must not freeze QGIS); ``then`` on the main thread."""
         def read(task):
-            return cap_mod.read_bands(source, bands, view, res).restrict(aoi)
+            cap = cap_mod.read_bands(source, bands, view, res).restrict(aoi)
+            cap.source = describe_area([source.name], f"bands {','.join(map(str, bands or [])) or 'default'}, view",
+                                       aoi)
+            return cap
 
         def done(exception, capture=None) -> None:
             self._jobs.remove(task)
@@ -550,7 +594,7 @@ class MapQueryDock(QDockWidget):
         return Common(output_dir(self.manager.settings.output_dir, project.homePath()),
                       self.adapter_combo.currentData(), project_sources(project))
 
-    def make_processor(self, tool: str, capture: cap_mod.Capture):
+    def make_processor(self, tool: str, capture: cap_mod.Capture, example=None):
         common, source, res = self._common(), CaptureSource(capture), abs(capture.transform[0])
         if tool == "classify":
             tile = tile_pixels(self.cls_tile.value(), self.cls_unit.currentData(), res)
@@ -558,17 +602,48 @@ class MapQueryDock(QDockWidget):
             return ClassifyProcessor(source, params, common)
         if tool == "search":
             tile = tile_pixels(self.srch_tile.value(), self.srch_unit.currentData(), res)
-            return SearchProcessor(source, SearchParams(self.search_edit.text(), tile, self.srch_topk.value()), common)
+            if example is None:
+                return SearchProcessor(source, SearchParams(self.search_edit.text(), tile, self.srch_topk.value()),
+                                       common)
+            canvas_crs = self._canvas().mapSettings().destinationCrs()
+            if canvas_crs != capture.qgs_crs():
+                example = QgsCoordinateTransform(canvas_crs, capture.qgs_crs(), QgsProject.instance()).transform(
+                    example)
+            pixels, mask = example_tile(capture, example.x(), example.y(), tile)
+            name = f"like the tile at {example.x():.6g}, {example.y():.6g}"
+            return SearchProcessor(source, SearchParams(name, tile, self.srch_topk.value(), example=pixels,
+                                                        example_mask=mask), common)
         return LocalizeProcessor(source, LocalizeParams(self.localize_edit.text().split(";")), common)
 
-    def run_tool(self, tool: str) -> None:
+    def pick_example(self) -> None:
+        """Search by example: the next click on the map picks the example tile."""
+        canvas = self._canvas()
+        self._previous_tool = canvas.mapTool()
+        self._example_tool = QgsMapToolEmitPoint(canvas)
+        self._example_tool.canvasClicked.connect(self._example_clicked)
+        canvas.setMapTool(self._example_tool)
+        self.message("Click a tile on the map: MapQuery finds the tiles most like it.", Qgis.Info, 4)
+
+    def _example_clicked(self, point, _button=None) -> None:
+        canvas = self._canvas()
+        if self._previous_tool is not None:
+            canvas.setMapTool(self._previous_tool)
+        else:
+            canvas.unsetMapTool(self._example_tool)
+        self.search_by_example(point)
+
+    def search_by_example(self, point) -> None:
+        """Rank the capture's tiles by their similarity to the tile around ``point`` (canvas CRS)."""
+        self.run_tool("search", example=point)
+
+    def run_tool(self, tool: str, example=None) -> None:
         if self.active is not None and not self.active.done:
             self.message("A MapQuery request is still running; cancel it or wait.", Qgis.Warning)
             return
 
         def start(capture: cap_mod.Capture) -> None:
             try:
-                processor = self.make_processor(tool, capture)
+                processor = self.make_processor(tool, capture, example)
             except PluginError as exc:
                 self.message(str(exc), Qgis.Warning)
                 return
@@ -612,8 +687,61 @@ class MapQueryDock(QDockWidget):
         self.progress.setValue(100)
         if isinstance(task.processor, SearchProcessor):
             self.show_hits(outcome.rows, task.processor.source.capture)
+        if isinstance(task.processor, ClassifyProcessor):
+            self.show_class_table(outcome.table)
+        if isinstance(task.processor, LocalizeProcessor):
+            self.last_heatmap = outcome.layers[0].path if outcome.layers else None
         warn = f" ({'; '.join(outcome.warnings)})" if outcome.warnings else ""
         self.message(f"{outcome.title}: {outcome.summary}{warn}", Qgis.Warning if warn else Qgis.Success)
+
+    def heatmap_regions(self, then=None) -> None:
+        """Polygons of the chosen heatmap (the active layer when it is one, else the last one) at the threshold,
+        made in a background task and added as a layer."""
+        active = self.iface.activeLayer() if hasattr(self.iface, "activeLayer") else None
+        path = active.source() if active is not None and is_output(active) and \
+            active.customProperty("mapquery_rs/output") == "heatmap" else self.last_heatmap
+        if not path:
+            self.message("Localize first (or select a heatmap layer): there is no heatmap to outline.", Qgis.Info)
+            return
+        threshold, common = self.threshold.value(), self._common()
+
+        def work(task):
+            return heatmap_regions(path, threshold, common)
+
+        def done(exception, spec=None) -> None:
+            self._jobs.remove(task)
+            if exception is not None:
+                self.message(plain_message(exception, "Polygons"), Qgis.Critical)
+                return
+            group, layers = add_outcome(Outcome(spec.name, [spec]), QgsProject.instance())
+            if then is not None:
+                then(layers[0])
+
+        task = QgsTask.fromFunction("MapQuery: heatmap regions", work, on_finished=done)
+        self._jobs.append(task)
+        QgsApplication.taskManager().addTask(task)
+
+    def show_class_table(self, rows: List[Dict[str, Any]]) -> None:
+        """Per-class tiles, area and share of the last classification."""
+        self.class_rows = rows
+        self.class_table.setRowCount(len(rows))
+        for i, r in enumerate(rows):
+            cells = (r["label"], str(r["tiles"]), f"{r['area_km2']:.3f}", f"{100 * r['share']:.1f} %")
+            for j, text in enumerate(cells):
+                self.class_table.setItem(i, j, QTableWidgetItem(text))
+
+    def export_class_table(self, path: str = "") -> Optional[str]:
+        """Write the class table as CSV (asks where when ``path`` is empty)."""
+        if not self.class_rows:
+            self.message("Classify first: there is no table to export.", Qgis.Info)
+            return None
+        if not path:
+            path, _ = QFileDialog.getSaveFileName(self, "Export the class table", "", "CSV (*.csv)")
+            if not path:
+                return None
+        write_csv(Path(path), TABLE_FIELDS, self.class_rows)
+        self.message(f"Class table written to {path}", Qgis.Success, 4)
+        return path
 
     def show_hits(self, rows: List[Dict[str, Any]], capture: cap_mod.Capture) -> None:
         self.search_hits = rows

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import random
-from typing import Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from qgis.core import (QgsCategorizedSymbolRenderer, QgsColorRampShader, QgsFillSymbol, QgsGradientColorRamp,
                        QgsGradientStop, QgsLayerTreeGroup, QgsPalLayerSettings, QgsProject, QgsRasterLayer,
@@ -25,6 +25,18 @@ def mark_output(layer, kind: str):
     return layer
 
 
+def set_provenance(layer, provenance: Dict[str, Any]):
+    """Where a result comes from (query, model, adapter, resolution, tiling, date) as the layer's metadata:
+    its abstract and the keywords under 'MapQuery'."""
+    if provenance:
+        md = layer.metadata()
+        md.setTitle(layer.name())
+        md.setAbstract("MapQuery RS result. " + "; ".join(f"{k}: {v}" for k, v in provenance.items()))
+        md.addKeywords("MapQuery", [f"{k}={v}" for k, v in provenance.items()])
+        layer.setMetadata(md)
+    return layer
+
+
 def is_output(layer) -> bool:
     return bool(layer.customProperty(OUTPUT_PROPERTY, ""))
 
@@ -42,6 +54,12 @@ def heatmap_layer(path: str, name: str, opacity: float = 0.6, transparent_below:
     layer = QgsRasterLayer(path, name, "gdal")
     if not layer.isValid():
         raise PluginError(f"QGIS cannot open the heatmap {path}")
+    return style_heatmap(layer, opacity, transparent_below, band)
+
+
+def style_heatmap(layer: QgsRasterLayer, opacity: float = 0.6, transparent_below: float = 0.2,
+                  band: int = 1) -> QgsRasterLayer:
+    """Style a heatmap layer (the dock's and Processing's outputs alike)."""
     layer.dataProvider().setUseSourceNoDataValue(band, True)  # the GeoTIFF's NaN nodata: drawn transparent
     shader_fn = QgsColorRampShader(0.0, 1.0, heat_ramp(), QgsColorRampShader.Interpolated)
     shader_fn.classifyColorRamp(len(RAMP_STOPS) * 2 + 1, band, layer.extent(), layer.dataProvider())
@@ -60,8 +78,28 @@ def heatmap_layer(path: str, name: str, opacity: float = 0.6, transparent_below:
     return mark_output(layer, "heatmap")
 
 
-def _label_settings(expression: str) -> QgsVectorLayerSimpleLabeling:
+LABEL_MIN_PX = 64  # labels show once a tile is at least this many screen pixels across
+SCREEN_M_PER_PX = 0.0254 / 96  # a 96 dpi screen pixel, in metres
+
+
+def label_min_scale(layer) -> float:
+    """The most zoomed-out scale (denominator) at which a tile of ``layer`` spans LABEL_MIN_PX screen pixels: labels
+    are hidden further out, where they would pile up; 0 (always shown) for an empty layer."""
+    from qgis.core import QgsUnitTypes
+    feat = next(layer.getFeatures(), None)
+    if feat is None or not feat.hasGeometry():
+        return 0.0
+    tile = feat.geometry().boundingBox().width()
+    metres = tile * QgsUnitTypes.fromUnitToUnitFactor(layer.crs().mapUnits(), QgsUnitTypes.DistanceMeters)
+    return metres / (LABEL_MIN_PX * SCREEN_M_PER_PX)
+
+
+def _label_settings(expression: str, min_scale: float = 0.0) -> QgsVectorLayerSimpleLabeling:
     pal = QgsPalLayerSettings()
+    if min_scale > 0:
+        pal.scaleVisibility = True
+        pal.minimumScale = min_scale  # most zoomed-out scale that shows labels
+        pal.maximumScale = 0.0
     pal.isExpression = True
     pal.fieldName = expression
     fmt = QgsTextFormat()
@@ -81,6 +119,11 @@ def classification_layer(path: str, name: str, classes: Sequence[str], opacity: 
     layer = QgsVectorLayer(path, name, "ogr")
     if not layer.isValid():
         raise PluginError(f"QGIS cannot open the classification grid {path}")
+    return style_classification(layer, classes, opacity)
+
+
+def style_classification(layer: QgsVectorLayer, classes: Sequence[str], opacity: float = 0.55) -> QgsVectorLayer:
+    """Style a classification grid (the dock's and Processing's outputs alike)."""
     rng = random.Random(7)
     categories = []
     present = set(layer.uniqueValues(layer.fields().indexOf("label")))
@@ -92,7 +135,7 @@ def classification_layer(path: str, name: str, classes: Sequence[str], opacity: 
         categories.append(QgsRendererCategory(cls, symbol, cls))
     layer.setRenderer(QgsCategorizedSymbolRenderer("label", categories))
     layer.setOpacity(opacity)
-    layer.setLabeling(_label_settings("\"label\" || ' ' || format_number(\"score\", 2)"))
+    layer.setLabeling(_label_settings("\"label\" || ' ' || format_number(\"score\", 2)", label_min_scale(layer)))
     layer.setLabelsEnabled(True)
     return mark_output(layer, "classification")
 
@@ -102,12 +145,28 @@ def ranking_layer(path: str, name: str) -> QgsVectorLayer:
     layer = QgsVectorLayer(path, name, "ogr")
     if not layer.isValid():
         raise PluginError(f"QGIS cannot open the search results {path}")
+    return style_ranking(layer)
+
+
+def style_ranking(layer: QgsVectorLayer) -> QgsVectorLayer:
+    """Style search results (the dock's and Processing's outputs alike)."""
     symbol = QgsFillSymbol.createSimple({"color": "255,255,0,40", "outline_color": "#ffd400",
                                          "outline_width": "0.8"})
     layer.renderer().setSymbol(symbol)
-    layer.setLabeling(_label_settings("'#' || \"rank\" || ' ' || format_number(\"score\", 3)"))
+    layer.setLabeling(_label_settings("'#' || \"rank\" || ' ' || format_number(\"score\", 3)",
+                                      label_min_scale(layer)))
     layer.setLabelsEnabled(True)
     return mark_output(layer, "ranking")
+
+
+def regions_layer(path: str, name: str) -> QgsVectorLayer:
+    """Heatmap regions above a threshold: red outlines."""
+    layer = QgsVectorLayer(path, name, "ogr")
+    if not layer.isValid():
+        raise PluginError(f"QGIS cannot open the regions {path}")
+    layer.renderer().setSymbol(QgsFillSymbol.createSimple({"color": "255,0,0,30", "outline_color": "#e31a1c",
+                                                           "outline_width": "0.6"}))
+    return mark_output(layer, "regions")
 
 
 def project_sources(project: Optional[QgsProject] = None) -> List[str]:

@@ -77,8 +77,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
 
 
 def write_geotiff(path: Path, bands: np.ndarray, transform: Sequence[float], crs_wkt: str,
-                  descriptions: Sequence[str] = (), nodata: Optional[float] = None) -> Path:
-    """Write a (B x) H x W float32 array as a deflate-compressed GeoTIFF (temp name, then rename)."""
+                  descriptions: Sequence[str] = (), nodata: Optional[float] = None,
+                  metadata: Optional[Dict[str, Any]] = None) -> Path:
+    """Write a (B x) H x W float32 array as a deflate-compressed GeoTIFF (temp name, then rename); ``metadata``
+    becomes dataset metadata items ``MAPQUERY_<KEY>``."""
     from osgeo import gdal
     arr = np.asarray(bands, dtype=np.float32)
     arr = arr[None] if arr.ndim == 2 else arr
@@ -93,6 +95,8 @@ def write_geotiff(path: Path, bands: np.ndarray, transform: Sequence[float], crs
         ds.SetGeoTransform((c, a, b, f, d, e))
         if crs_wkt:
             ds.SetProjection(crs_wkt)
+        if metadata:
+            ds.SetMetadata({f"MAPQUERY_{k.upper()}": str(v) for k, v in metadata.items()})
         for i in range(count):
             band = ds.GetRasterBand(i + 1)
             band.WriteArray(arr[i])
@@ -139,6 +143,56 @@ def write_polygons_gpkg(path: Path, layer_name: str, fields: Sequence[Tuple[str,
                 feat[name] = attrs.get(name)
             writer.addFeature(feat)
         del writer  # closes the file
+        os.replace(tmp, path)
+    finally:
+        for p in (tmp, Path(str(tmp) + "-wal"), Path(str(tmp) + "-shm")):
+            if p.exists():
+                p.unlink()
+    return path
+
+
+def write_csv(path: Path, fields: Sequence[str], rows: Sequence[Dict[str, Any]]) -> Path:
+    """Write ``rows`` (dicts) as a UTF-8 CSV with a header (temp name, then rename)."""
+    import csv
+    import io
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_bytes(Path(path), buf.getvalue().encode("utf-8"))
+
+
+def write_mask_polygons_gpkg(path: Path, mask: np.ndarray, transform: Sequence[float], crs_wkt: str,
+                             attrs: Dict[str, Any], layer_name: str = "regions") -> Path:
+    """The connected regions of a boolean ``mask`` (on the grid of the affine ``transform``) as polygons in a new
+    GeoPackage, each with ``attrs`` (strings or numbers) and its ``pixels`` count (temp name, then rename)."""
+    from osgeo import gdal, ogr, osr
+    h, w = mask.shape
+    a, b, c, d, e, f = transform
+    mem = gdal.GetDriverByName("MEM").Create("", w, h, 1, gdal.GDT_Byte)
+    mem.SetGeoTransform((c, a, b, f, d, e))
+    band = mem.GetRasterBand(1)
+    band.WriteArray(mask.astype(np.uint8))
+    srs = osr.SpatialReference()
+    if crs_wkt:
+        srs.ImportFromWkt(crs_wkt)
+    tmp = _temp_sibling(path)
+    try:
+        ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(tmp))
+        lyr = ds.CreateLayer(layer_name, srs if crs_wkt else None, ogr.wkbPolygon)
+        lyr.CreateField(ogr.FieldDefn("pixels", ogr.OFTInteger))
+        for name, value in attrs.items():
+            lyr.CreateField(ogr.FieldDefn(name, ogr.OFTReal if isinstance(value, float) else ogr.OFTString))
+        if gdal.Polygonize(band, band, lyr, 0) != 0:
+            raise PluginError(f"GDAL could not polygonize {path.name}")
+        px_area = abs(a * e - b * d)
+        lyr.ResetReading()
+        for feat in lyr:
+            feat.SetField("pixels", int(round(feat.GetGeometryRef().GetArea() / px_area)))
+            for name, value in attrs.items():
+                feat.SetField(name, value)
+            lyr.SetFeature(feat)
+        ds = None
         os.replace(tmp, path)
     finally:
         for p in (tmp, Path(str(tmp) + "-wal"), Path(str(tmp) + "-shm")):

@@ -10,7 +10,7 @@ from qgis.core import QgsApplication, QgsProject, QgsTask
 
 from .connection import make_client
 from .errors import plain_message
-from .layers import add_group, classification_layer, heatmap_layer, ranking_layer
+from .layers import add_group, classification_layer, heatmap_layer, ranking_layer, regions_layer, set_provenance
 from .tools.base import Feedback, Outcome
 from .settings import Settings
 
@@ -58,22 +58,27 @@ class MapQueryTask(QgsTask):
 
 
 def build_layers(outcome: Outcome, opacity: float = 0.6) -> List[Any]:
-    """Styled map layers for an outcome's files (main thread)."""
+    """Styled map layers for an outcome's files, with their provenance as metadata (main thread)."""
     layers = []
     for spec in outcome.layers:
         if spec.kind == "heatmap":
-            layers.append(heatmap_layer(spec.path, spec.name, opacity))
+            layer = heatmap_layer(spec.path, spec.name, opacity)
         elif spec.kind == "classification":
-            layers.append(classification_layer(spec.path, spec.name, spec.classes))
+            layer = classification_layer(spec.path, spec.name, spec.classes)
         elif spec.kind == "ranking":
-            layers.append(ranking_layer(spec.path, spec.name))
+            layer = ranking_layer(spec.path, spec.name)
+        elif spec.kind == "regions":
+            layer = regions_layer(spec.path, spec.name)
+        else:
+            continue
+        layers.append(set_provenance(layer, spec.provenance))
     return layers
 
 
 def add_outcome(outcome: Outcome, project: Optional[QgsProject] = None, opacity: float = 0.6):
     """Load an outcome's files as styled layers grouped under its title; returns (group, layers)."""
     layers = build_layers(outcome, opacity)
-    return add_group(outcome.title, layers, project), layers
+    return add_group(outcome.group_name(), layers, project), layers
 
 
 def run_and_wait(task: MapQueryTask, timeout: float = 300.0, cancel_after: Optional[float] = None) -> MapQueryTask:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsGeometry, QgsPointXY, QgsProcessing,
-                       QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingParameterBand,
+                       QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingLayerPostProcessorInterface,
+                       QgsProcessingParameterBand,
                        QgsProcessingParameterDefinition, QgsProcessingParameterFeatureSink,
                        QgsProcessingParameterFeatureSource, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer,
@@ -23,6 +24,7 @@ from shared_protocol.defaults import DEFAULT_TILE_SIZE, MIN_VALID_SHARE
 
 from ..connection import make_client
 from ..errors import PluginError, plain_message
+from ..layers import set_provenance, style_classification, style_heatmap, style_ranking
 from ..masks import AreaOfInterest
 from ..outputs import write_geotiff
 from ..settings import Settings
@@ -50,6 +52,28 @@ def _write_rows(sink: Any, fields: QgsFields, spec: Sequence[Tuple[str, str]], r
         f.setGeometry(QgsGeometry.fromPolygonXY([[QgsPointXY(x, y) for x, y in ring]]))
         f.setAttributes([attrs.get(name) for name, _ in spec])
         sink.addFeature(f, QgsFeatureSink.FastInsert)
+
+
+class _Style(QgsProcessingLayerPostProcessorInterface):
+    """Styles an output like the dock's when Processing loads it into the project (kept alive until then)."""
+
+    _pending: List["_Style"] = []
+
+    def __init__(self, apply: Callable[[Any], Any]):
+        super().__init__()
+        self.apply = apply
+
+    def postProcessLayer(self, layer, context, feedback):  # noqa: N802
+        self.apply(layer)
+        if self in _Style._pending:
+            _Style._pending.remove(self)
+
+    @classmethod
+    def on_load(cls, context: Any, dest: str, apply: Callable[[Any], Any]) -> None:
+        if context.willLoadLayerOnCompletion(dest):
+            post = cls(apply)
+            cls._pending.append(post)
+            context.layerToLoadOnCompletionDetails(dest).setPostProcessor(post)
 
 
 class _Base(QgsProcessingAlgorithm):
@@ -184,6 +208,8 @@ class ClassifyRasterAlgorithm(_TileAlgorithm):
         with make_client(settings) as client:
             res = classify.ClassifyProcessor(source, params, common).compute(client, fb)
         _write_rows(sink, fields, classify.FIELDS, res.rows)
+        _Style.on_load(context, dest, lambda layer: set_provenance(style_classification(layer, params.classes),
+                                                                   res.provenance))
         self._report(feedback, res.warnings, f"{len(res.rows)} tiles classified, {res.skipped} skipped")
         return {self.OUTPUT: dest}
 
@@ -219,6 +245,7 @@ class RankRasterAlgorithm(_TileAlgorithm):
         fields = _fields(search.FIELDS)
         sink, dest = self.parameterAsSink(parameters, self.OUTPUT, context, fields, QgsWkbTypes.Polygon, layer.crs())
         _write_rows(sink, fields, search.FIELDS, res.rows)
+        _Style.on_load(context, dest, lambda layer: set_provenance(style_ranking(layer), res.provenance))
         self._report(feedback, res.warnings, f"{res.ranked} tiles ranked, {res.skipped} skipped")
         return {self.OUTPUT: dest}
 
@@ -254,6 +281,8 @@ class LocalizeRasterAlgorithm(_Base):
         with make_client(settings) as client:
             res = localize.LocalizeProcessor(source, params, common).compute(client, fb)
         write_geotiff(Path(dest), res.heatmaps[0], res.transform, res.crs_wkt, [f"heatmap: {params.queries[0]}"],
-                      localize.NODATA)
+                      localize.NODATA, res.provenance[0])
+        _Style.on_load(context, dest, lambda layer: set_provenance(style_heatmap(layer, settings.heatmap_opacity),
+                                                                   res.provenance[0]))
         self._report(feedback, res.warnings, f"heatmap of {source.width} x {source.height} px")
         return {self.OUTPUT: dest}

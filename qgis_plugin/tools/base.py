@@ -6,6 +6,7 @@ returns rows / arrays (for Processing sinks) or an :class:`Outcome` listing file
 """
 from __future__ import annotations
 
+import datetime as _dt
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ class LayerSpec:
     path: str
     name: str
     classes: List[str] = field(default_factory=list)
+    provenance: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -65,6 +67,17 @@ class Outcome:
     summary: str = ""
     warnings: List[str] = field(default_factory=list)
     result: Dict[str, Any] = field(default_factory=dict)  # the last raw reply result (for scripts, tests)
+    where: str = ""  # which raster(s) and area, e.g. "RGB.byte, map view, AOI fields (selection)"
+    table: List[Dict[str, Any]] = field(default_factory=list)  # classify: per-class counts and areas
+
+    def group_name(self) -> str:
+        return f"{self.title} [{self.where}]" if self.where else self.title
+
+
+def where_of(source: Any) -> str:
+    """A source's description for group names ('' for an anonymous rendering)."""
+    name = str(getattr(source, "name", "") or "")
+    return "" if name == "render" else name
 
 
 @dataclass
@@ -97,6 +110,18 @@ def tile_pixels(size: float, unit: str, resolution: float) -> int:
         raise PluginError(f"a tile of {size:g} {unit} is {px} pixel(s) at this resolution; tiles need at least "
                           f"{MIN_TILE}")
     return px
+
+
+PROVENANCE_FIELDS = [("query", "string"), ("model", "string"), ("adapter", "string"), ("resolution", "double"),
+                     ("tiling", "string"), ("date", "string")]
+
+
+def provenance(source: Any, common: Common, result: Dict[str, Any], query: str, tiling: str) -> Dict[str, Any]:
+    """Where an answer comes from (layer metadata and attributes): query, model, adapter, resolution (map units per
+    pixel), tiling and date (UTC)."""
+    return {"query": query, "model": str(result.get("model") or "?"), "adapter": common.adapter or "(base model)",
+            "resolution": float(abs(source.transform[0])), "tiling": tiling,
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
 def warnings_of(result: Dict[str, Any]) -> List[str]:

@@ -9,9 +9,32 @@ from shared_protocol.defaults import DEFAULT_TILE_SIZE, MIN_VALID_SHARE
 
 from ..errors import PluginError
 from ..outputs import unique_path, write_polygons_gpkg
-from .base import MIN_TILE, Common, Feedback, LayerSpec, Outcome, Row, Wire, tile_batches, warnings_of
+from .base import (MIN_TILE, PROVENANCE_FIELDS, Common, Feedback, LayerSpec, Outcome, Row, Wire, provenance,
+                   tile_batches, warnings_of, where_of)
 
-FIELDS = [("tile", "int"), ("label", "string"), ("score", "double"), ("top", "string")]
+TABLE_FIELDS = ("label", "tiles", "area_km2", "share")
+
+
+def class_table(rows: Sequence[Row], crs: Any) -> List[Dict[str, Any]]:
+    """Per class: tiles, their ellipsoidal area (km2, cells clipped to the capture) and share of the labelled
+    area, most tiles first."""
+    from qgis.core import QgsCoordinateTransformContext, QgsDistanceArea, QgsGeometry, QgsPointXY, QgsUnitTypes
+    da = QgsDistanceArea()
+    da.setSourceCrs(crs, QgsCoordinateTransformContext())
+    da.setEllipsoid(crs.ellipsoidAcronym() or "EPSG:7030")
+    per: Dict[str, List[float]] = {}
+    for ring, attrs in rows:
+        area = da.measureArea(QgsGeometry.fromPolygonXY([[QgsPointXY(x, y) for x, y in ring]]))
+        km2 = da.convertAreaMeasurement(area, QgsUnitTypes.AreaSquareKilometers)
+        entry = per.setdefault(attrs["label"], [0, 0.0])
+        entry[0] += 1
+        entry[1] += km2
+    total = sum(a for _, a in per.values()) or 1.0
+    return [{"label": k, "tiles": n, "area_km2": a, "share": a / total}
+            for k, (n, a) in sorted(per.items(), key=lambda kv: (-kv[1][0], kv[0]))]
+
+
+FIELDS = [("tile", "int"), ("label", "string"), ("score", "double"), ("top", "string"), *PROVENANCE_FIELDS]
 
 
 @dataclass
@@ -39,6 +62,7 @@ class ClassifyResult:
     skipped: int = 0
     warnings: List[str] = field(default_factory=list)
     result: Dict[str, Any] = field(default_factory=dict)
+    provenance: Dict[str, Any] = field(default_factory=dict)
 
     def counts(self) -> Dict[str, int]:
         counts: Dict[str, int] = {}
@@ -81,6 +105,10 @@ class ClassifyProcessor:
                          "top": "; ".join(f"{t['label']} {t['score']:.3f}" for t in top)}
                 out.rows.append((b.capture.box_to_map(*[int(v) for v in b.cells[i]]), attrs))
         out.warnings = wire.warnings + warnings_of(out.result)
+        tiling = f"{p.tile_px} px tiles" + (f", stride {p.stride_px} px" if p.stride_px else "")
+        out.provenance = provenance(self.source, self.common, out.result, "classes: " + ", ".join(p.classes), tiling)
+        for _, attrs in out.rows:
+            attrs.update(out.provenance)
         return out
 
     def run(self, client: Any, fb: Feedback) -> Outcome:
@@ -91,7 +119,7 @@ class ClassifyProcessor:
         fb.progress(1.0, "done")
         summary = ", ".join(f"{k}: {v}" for k, v in sorted(res.counts().items(), key=lambda kv: -kv[1]))
         skipped = f" ({res.skipped} skipped: too few valid pixels)" if res.skipped else ""
-        spec = LayerSpec("classification", str(path), "classification", list(self.params.classes))
+        spec = LayerSpec("classification", str(path), "classification", list(self.params.classes), res.provenance)
         return Outcome(self.title, [spec],
                        [a for _, a in res.rows], f"{len(res.rows)} tiles{skipped}; {summary}", res.warnings,
-                       res.result)
+                       res.result, where_of(self.source), class_table(res.rows, self.source.crs()))

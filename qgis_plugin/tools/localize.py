@@ -21,8 +21,8 @@ from shared_protocol.ops import SMOOTH_WORK_KERNEL
 
 from ..errors import PluginError
 from ..masks import valid_share
-from ..outputs import slug, unique_path, write_geotiff
-from .base import Common, Feedback, LayerSpec, Outcome, Wire, warnings_of
+from ..outputs import slug, unique_path, write_geotiff, write_mask_polygons_gpkg
+from .base import Common, Feedback, LayerSpec, Outcome, Wire, provenance, warnings_of, where_of
 
 NODATA = float("nan")
 DEFAULT_BLOCK = 2048
@@ -65,6 +65,7 @@ class LocalizeResult:
     windows: int = 0
     warnings: List[str] = field(default_factory=list)
     result: Dict[str, Any] = field(default_factory=dict)
+    provenance: List[Dict[str, Any]] = field(default_factory=list)  # one per query
 
 
 class LocalizeProcessor:
@@ -119,8 +120,12 @@ class LocalizeProcessor:
             stats.append({"query": query, "min": lo, "max": hi, "mean": float(h[ok].mean()),
                           "valid_share": float(ok.mean())})
             h[ok] = (h[ok] - lo) / (hi - lo) if hi > lo else 0.0
+        tiling = f"SeLo windows {', '.join(map(str, self.window_sizes))} px, median {self.smooth} px"
+        if src.height > p.block_px or src.width > p.block_px:
+            tiling += f", blocks of {p.block_px} px"
+        prov = [provenance(src, self.common, result, q, tiling) for q in p.queries]
         return LocalizeResult(heat, src.transform, src.crs_wkt, stats, windows, wire.warnings + warnings_of(result),
-                              result)
+                              result, prov)
 
     def run(self, client: Any, fb: Feedback) -> Outcome:
         res = self.compute(client, fb)
@@ -128,12 +133,36 @@ class LocalizeProcessor:
         for q, query in enumerate(self.params.queries):
             fb.check()
             path = unique_path(Path(self.common.out_dir), f"heatmap_{slug(query)}", ".tif", self.common.taken)
-            write_geotiff(path, res.heatmaps[q], res.transform, res.crs_wkt, [f"heatmap: {query}"], NODATA)
-            specs.append(LayerSpec("heatmap", str(path), f"heatmap: {query}"))
+            write_geotiff(path, res.heatmaps[q], res.transform, res.crs_wkt, [f"heatmap: {query}"], NODATA,
+                          res.provenance[q])
+            specs.append(LayerSpec("heatmap", str(path), f"heatmap: {query}", provenance=res.provenance[q]))
         fb.progress(1.0, "done")
         h, w = res.heatmaps.shape[1:]
         valid = res.stats[0]["valid_share"] if res.stats else 1.0
         return Outcome(self.title, specs, res.stats,
                        f"{len(specs)} heatmap(s) of {w} x {h} px from {res.windows or '?'} windows"
                        + (f"; {100 * valid:.0f} % of the pixels valid" if valid < 1 else ""), res.warnings,
-                       res.result)
+                       res.result, where_of(self.source))
+
+
+def heatmap_regions(heatmap_path: str, threshold: float, common: Common) -> LayerSpec:
+    """The regions of a heatmap GeoTIFF at or above ``threshold`` (NaN = nodata never counts) as polygons in a
+    new GeoPackage of the output folder."""
+    from osgeo import gdal
+    if not 0.0 <= threshold <= 1.0:
+        raise PluginError(f"the threshold must be between 0 and 1, not {threshold:g}")
+    ds = gdal.Open(str(heatmap_path))
+    if ds is None:
+        raise PluginError(f"cannot open the heatmap {heatmap_path}")
+    band = ds.GetRasterBand(1)
+    heat = band.ReadAsArray().astype(np.float32)
+    c, a, b, f, d, e = ds.GetGeoTransform()
+    name = band.GetDescription() or Path(heatmap_path).stem
+    query = name.split(": ", 1)[-1]
+    mask = np.isfinite(heat) & (heat >= threshold)
+    path = unique_path(Path(common.out_dir), f"regions_{slug(query)}", ".gpkg", common.taken)
+    write_mask_polygons_gpkg(path, mask, (a, b, c, d, e, f), ds.GetProjection(),
+                             {"query": query, "threshold": float(threshold), **{
+                                 k[len("MAPQUERY_"):].lower(): v for k, v in (ds.GetMetadata() or {}).items()
+                                 if k.startswith("MAPQUERY_") and k != "MAPQUERY_QUERY"}})
+    return LayerSpec("regions", str(path), f"regions >= {threshold:g}: {query}")

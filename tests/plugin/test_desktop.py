@@ -34,7 +34,7 @@ def test_desktop_dock_draws_a_heatmap(live_backend, data_dir, tmp_path):
     assert result.exists(), f"QGIS wrote no result (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     outcome = json.loads(result.read_text())
     assert outcome["ok"], outcome
-    assert outcome["groups"] == ["MapQuery: localize: a river"]
+    assert outcome["groups"] == ["MapQuery: localize: a river [RGB.byte, map view]"]
     assert "heatmap: a river" in outcome["layers"] and "RGB.byte" in outcome["layers"]
     assert shot.is_file() and shot.stat().st_size > 20_000
     from qgis.PyQt.QtGui import QImage

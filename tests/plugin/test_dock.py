@@ -116,8 +116,9 @@ def test_dock_shows_status_and_runs_the_three_tools(plugin, project, tmp_path):
         errors = [m for lvl, m in iface.bar.messages if lvl == Qgis.Critical]
         assert not errors, errors
     groups = [c for c in project.layerTreeRoot().children() if isinstance(c, QgsLayerTreeGroup)]
-    assert [g.name() for g in groups] == ["MapQuery: localize: forest; a river", "MapQuery: search: a river",
-                                          "MapQuery: classify (10 classes, 96 px tiles)"]
+    assert [g.name() for g in groups] == ["MapQuery: localize: forest; a river [rgb, map view]",
+                                          "MapQuery: search: a river [rgb, map view]",
+                                          "MapQuery: classify (10 classes, 96 px tiles) [rgb, layer extent]"]
     assert len(groups[0].findLayers()) == 2  # one heatmap per query
     grid = groups[2].findLayers()[0].layer()
     # 96 px tiles over the layer's extent (396 x 359 px at 600 m, 5 x 4 tiles), but those mostly in the raster's
@@ -130,8 +131,29 @@ def test_dock_shows_status_and_runs_the_three_tools(plugin, project, tmp_path):
     assert len(windows) == 5 * 4
     kept = [i for i, (x0, y0, x1, y1) in enumerate(windows) if valid[y0:y1, x0:x1].mean() >= 0.5]
     assert sorted(f["tile"] for f in grid.getFeatures()) == kept and 0 < len(kept) < 20
+    # the class table: tiles and areas per class (cells of 96 x 600 m in UTM: planar area within 0.5 %)
+    import csv
+    counts = {}
+    for f in grid.getFeatures():
+        c = counts.setdefault(f["label"], [0, 0.0])
+        c[0] += 1
+        c[1] += f.geometry().area() / 1e6
+    assert {r["label"]: r["tiles"] for r in dock.class_rows} == {k: n for k, (n, _) in counts.items()}
+    for r in dock.class_rows:
+        assert r["area_km2"] == pytest.approx(counts[r["label"]][1], rel=5e-3)
+    assert dock.class_table.rowCount() == len(counts)
+    written = list(csv.DictReader(open(dock.export_class_table(str(tmp_path / "classes.csv")))))
+    assert [(w["label"], int(w["tiles"])) for w in written] == [(r["label"], r["tiles"]) for r in dock.class_rows]
+    assert sum(float(w["share"]) for w in written) == pytest.approx(1.0)
     assert all(p.parent == (tmp_path / "outputs") for p in
                [__import__("pathlib").Path(l.layer().source().split("|")[0]) for g in groups for l in g.findLayers()])
+    # the heatmap's regions at a threshold, from the dock
+    got = []
+    dock.threshold.setValue(0.5)
+    dock.heatmap_regions(then=got.append)
+    spin(lambda: got)
+    assert got[0].featureCount() > 0 and got[0].customProperty("mapquery_rs/output") == "regions"
+    assert project.layerTreeRoot().children()[0].name().startswith("MapQuery: regions >= 0.5: ")
     # the search hits are listed; clicking one zooms the canvas onto that tile
     assert dock.results.rowCount() == 10
     hit = dock.search_hits[0]
@@ -312,3 +334,34 @@ def test_tile_size_units_are_named_and_converted(plugin, project):
     dock.srch_tile.setValue(100)
     dock.srch_unit.setCurrentIndex(1)
     assert dock.srch_tile.value() == pytest.approx(0.1)
+
+
+def test_search_by_example_clicked_on_the_map(plugin, project):
+    """Click a tile: `rank` with it as the query image finds that very tile first (same pixels, same embedding)."""
+    from qgis.core import QgsPointXY
+    from qgis_plugin.tools.base import grid_windows
+    plugin, iface, layer = plugin
+    dock = plugin.show_dock()
+    spin(lambda: "connected" in dock.status_label.text() and "not" not in dock.status_label.text())
+    dock.resolution.setValue(900.0)
+    dock.source_combo.setCurrentIndex(dock.source_combo.findData("view"))
+    dock.srch_tile.setValue(32)
+    got = []
+    dock.capture_async(got.append)
+    spin(lambda: got)
+    cap = got[0]
+    valid = cap.valid()
+    _, windows = grid_windows(cap.height, cap.width, 32)
+    full = [i for i, (x0, y0, x1, y1) in enumerate(windows) if valid[y0:y1, x0:x1].all() and x1 - x0 == 32
+            and x0 % 32 == 0 and y0 % 32 == 0]
+    k = full[len(full) // 2]
+    x0, y0 = windows[k][:2]
+    point = QgsPointXY(*cap.pixel_to_map(x0 + 16, y0 + 16))
+    dock.pick_example()
+    assert iface.canvas.mapTool() is dock._example_tool
+    seen = len(iface.bar.messages)
+    dock._example_tool.canvasClicked.emit(point, Qt.LeftButton)
+    assert iface.canvas.mapTool() is not dock._example_tool  # one click, then the previous tool is back
+    spin(lambda: len(iface.bar.messages) > seen and dock.active is None)
+    assert iface.bar.messages[-1][1].startswith("search: like the tile at"), iface.bar.messages[-1]
+    assert dock.search_hits[0]["tile"] == k and dock.search_hits[0]["score"] == pytest.approx(1.0, abs=1e-3)

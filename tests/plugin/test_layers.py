@@ -66,6 +66,10 @@ def test_classification_grid_geometry_style_and_labels(qgis_app, tmp_path):
     assert layer.renderer().classAttribute() == "label"
     assert sorted(c.value() for c in layer.renderer().categories()) == ["city", "forest", "river"]
     assert layer.labelsEnabled() and "score" in layer.labeling().settings().fieldName
+    # labels only where a 32 px tile of 30 m (960 m) is at least 64 screen pixels wide (96 dpi): scale 1:~15118
+    pal = layer.labeling().settings()
+    assert pal.scaleVisibility and pal.minimumScale == pytest.approx(960 / (64 * 0.0254 / 96))
+    assert layer.customProperty("mapquery_rs/output") == "classification"
     feat = next(f for f in layer.getFeatures() if f["tile"] == 5)
     x0, y0, x1, y1 = (int(v) for v in cells[5])
     bbox = feat.geometry().boundingBox()
@@ -83,6 +87,8 @@ def test_ranking_layer(qgis_app, tmp_path):
                                cap.qgs_crs())
     layer = ranking_layer(str(path), "top 1")
     assert layer.isValid() and layer.crs().authid() == "EPSG:4326" and layer.labelsEnabled()
+    # a tile of 0.1 degrees (~11.1 km at the equator) is 64 px wide from 1:~42 million in
+    assert layer.labeling().settings().minimumScale == pytest.approx(0.1 * 111319.49 / (64 * 0.0254 / 96), rel=1e-3)
     assert [f["rank"] for f in layer.getFeatures()] == [1]
 
 

@@ -72,6 +72,9 @@ def test_classify_round_trip(qgis_app, project, tmp_path, live_backend, utm_capt
         bbox = f.geometry().boundingBox()
         assert (bbox.xMinimum(), bbox.yMinimum(), bbox.xMaximum(), bbox.yMaximum()) == pytest.approx(
             (min(xs), min(ys), max(xs), max(ys)))
+    first = next(grid.getFeatures())
+    assert (first["model"], first["resolution"], first["tiling"]) == ("tiny", 600.0, "64 px tiles")  # provenance
+    assert "model=tiny" in grid.metadata().keywords()["MapQuery"]
     probs_sum = sum(float(t.split()[-1]) for t in next(grid.getFeatures())["top"].split("; "))
     assert 0 < probs_sum <= 1.0001
 

@@ -249,3 +249,63 @@ def test_live_backend_honours_the_masks(qgis_app, live_backend, raster, monkeypa
     assert sent == [["canvas", "canvas_mask"], []]
     for heat in (first, again):
         assert np.isnan(heat[~valid]).all() and np.isfinite(heat[valid]).mean() > 0.9
+
+
+def test_processing_outputs_are_styled_like_the_docks(qgis_app, processing_ready, project, raster, tmp_path):
+    import processing
+
+    from mq_helpers import fake_server
+    path, _, _ = raster
+    with fake_server(contract_backend, strict=False) as server:
+        common = {"INPUT": path, "BACKEND": server.address}
+        cls = processing.runAndLoadResults("mapquery:classifyraster", {**common, "CLASSES": "a, b", "TILE_SIZE": 20,
+                                                                       "OUTPUT": str(tmp_path / "c.gpkg")})
+        rank = processing.runAndLoadResults("mapquery:rankraster", {**common, "QUERY": "q", "TILE_SIZE": 20,
+                                                                    "OUTPUT": str(tmp_path / "r.gpkg")})
+        heat = processing.runAndLoadResults("mapquery:localizeraster", {**common, "QUERY": "q",
+                                                                        "OUTPUT": str(tmp_path / "h.tif")})
+    layers = {lyr.source().split("|")[0]: lyr for lyr in project.mapLayers().values()}
+    grid, ranked, heatmap = (layers[r["OUTPUT"]] for r in (cls, rank, heat))
+    assert grid.renderer().type() == "categorizedSymbol" and grid.labelsEnabled()
+    assert grid.labeling().settings().scaleVisibility
+    assert ranked.labelsEnabled() and "rank" in ranked.labeling().settings().fieldName
+    assert heatmap.renderer().type() == "singlebandpseudocolor"
+    assert {lyr.customProperty("mapquery_rs/output") for lyr in (grid, ranked, heatmap)} == {
+        "classification", "ranking", "heatmap"}
+    # provenance: in the layer metadata, the features' attributes and the GeoTIFF's metadata
+    for lyr, query in ((grid, "classes: a, b"), (ranked, "q"), (heatmap, "q")):
+        keywords = lyr.metadata().keywords()["MapQuery"]
+        assert f"query={query}" in keywords and any(k.startswith("date=20") for k in keywords), keywords
+        assert "resolution: 0.001" in lyr.metadata().abstract()
+    f = next(grid.getFeatures())
+    assert f["query"] == "classes: a, b" and f["tiling"] == "20 px tiles" and f["resolution"] == pytest.approx(0.001)
+    assert f["adapter"] == "(base model)" and f["model"] == "?"  # the scripted backend names no model
+    assert next(ranked.getFeatures())["query"] == "q"
+    ds = gdal.Open(heat["OUTPUT"])
+    md = ds.GetMetadata()
+    assert md["MAPQUERY_QUERY"] == "q" and md["MAPQUERY_TILING"].startswith("SeLo windows")
+
+
+def test_heatmap_regions_follow_the_threshold_and_never_cover_nodata(qgis_app, tmp_path):
+    from qgis_plugin.masks import rasterize
+    from qgis_plugin.outputs import write_geotiff
+    from qgis_plugin.tools.localize import heatmap_regions
+    rows, cols = np.mgrid[0:60, 0:80]
+    heat = np.exp(-((rows - 20) ** 2 + (cols - 20) ** 2) / 80.0) + np.exp(-((rows - 40) ** 2 + (cols - 60) ** 2) / 50.0)
+    heat = (heat / heat.max()).astype(np.float32)
+    heat[:, 59:61] = np.nan  # a nodata stripe through the second blob
+    transform = (30.0, 0.0, 500000.0, 0.0, -30.0, 4200000.0)
+    from qgis.core import QgsCoordinateReferenceSystem
+    wkt = QgsCoordinateReferenceSystem("EPSG:32618").toWkt()
+    src = write_geotiff(tmp_path / "h.tif", heat, transform, wkt, ["heatmap: harbour"], float("nan"),
+                        {"model": "tiny"})
+    spec = heatmap_regions(str(src), 0.6, Common(tmp_path))
+    layer = QgsVectorLayer(spec.path, "r")
+    expected = np.isfinite(heat) & (heat >= 0.6)
+    feats = list(layer.getFeatures())
+    assert len(feats) == 3  # one blob, the other cut in two by the nodata stripe
+    assert sum(f["pixels"] for f in feats) == expected.sum()
+    assert {(f["query"], f["threshold"], f["model"]) for f in feats} == {("harbour", 0.6, "tiny")}
+    back = rasterize([bytes(f.geometry().asWkb()) for f in feats], transform, 60, 80)
+    assert np.array_equal(back.astype(bool), expected)  # exactly the pixels at or above it, never NaN ones
+    assert layer.crs().authid() == "EPSG:32618"
