@@ -25,6 +25,7 @@ from .manager import BackendManager
 from .outputs import output_dir
 from .processors import ClassifyProcessor, Common, LocalizeProcessor, SearchProcessor, tile_pixels
 from .settings_dialog import PRESETS, SettingsDialog
+from .setup_dialog import SetupDialog, adopt_ready_environment, backend_python_usable, first_run_box
 from .tasks import MapQueryTask, add_outcome
 
 SOURCES = [("view", "Map view (rendered)"), ("layer", "Layer extent (rendered)"),
@@ -48,6 +49,8 @@ class MapQueryDock(QDockWidget):
         self._last_state = ""
         self._restarts = 0
         self._user_stopped = False
+        self.first_run: Optional[Any] = None  # the 'no backend yet' question, while shown
+        self.setup_dialog: Optional[SetupDialog] = None
         self.search_hits: List[Dict[str, Any]] = []
         self._search_crs = None
 
@@ -295,12 +298,23 @@ class MapQueryDock(QDockWidget):
             state, plain_message(exc))
         self.info = {}
         self.status_label.setText(f"<b style='color:#b00'>not connected</b>: {words}")
+        self.clear_status()
+
+    def clear_status(self) -> None:
+        """Forget what a backend that is gone said about itself (model, weights, device, protocol)."""
+        for label in (self.model_label, self.weights_label, self.device_label, self.protocol_label):
+            label.setText("-")
 
     def start_backend(self, auto: bool = False) -> None:
         settings = self.manager.settings
         if settings.mode != "start":
             self.message("Settings say 'connect to a running backend': the plugin does not start one.", Qgis.Info)
             return
+        if not backend_python_usable(settings):
+            if not adopt_ready_environment(settings, QgsApplication.qgisSettingsDirPath()):
+                self.offer_setup()
+                return
+            settings.save()
         if not auto:
             self._restarts = 0
         self._user_stopped = False
@@ -312,9 +326,47 @@ class MapQueryDock(QDockWidget):
         self.status_label.setText("starting the backend (loading the model)…")
 
     def stop_backend(self) -> None:
+        """Cancel running requests, stop the backend without waiting for it, and forget its status."""
         self._user_stopped = True
-        self.manager.stop()
+        for task in list(self.tasks):
+            if not task.done:
+                task.cancel()
+        self.manager.stop(wait=False)
+        self.info = {}
+        self.clear_status()
+        self.status_label.setText("stopped")
         self.poll()
+
+    # -- first run ----------------------------------------------------------------------------------
+    def offer_setup(self) -> None:
+        """No backend Python yet: offer to set one up, or to connect to a running backend."""
+        if self.first_run is not None:
+            return
+        self.first_run = first_run_box(self, self._first_run_choice)
+        self.first_run.open()
+
+    def _first_run_choice(self, choice: str) -> None:
+        self.first_run = None
+        if choice == "setup":
+            self.open_setup()
+        elif choice == "connect":
+            self.manager.settings.mode = "connect"
+            self.open_settings()
+
+    def open_setup(self) -> SetupDialog:
+        if self.setup_dialog is None:
+            self.setup_dialog = SetupDialog(self.manager.settings, QgsApplication.qgisSettingsDirPath(),
+                                            self._setup_ready, self)
+            self.setup_dialog.finished.connect(lambda _r: setattr(self, "setup_dialog", None))
+        self.setup_dialog.show()
+        return self.setup_dialog
+
+    def _setup_ready(self, settings) -> None:
+        """The setup completed: keep its settings and start the backend."""
+        self.manager.settings = settings
+        settings.save()
+        self.message("The backend's environment is ready; starting the backend.", Qgis.Success)
+        self.start_backend()
 
     def apply_model(self) -> None:
         self.manager.settings.model = self.model_combo.currentText().strip()

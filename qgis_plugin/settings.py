@@ -13,14 +13,21 @@ from typing import Any, Dict, List, Optional
 
 from shared_protocol.endpoints import DEFAULT_ADDRESS, launch_env, serve_command
 
+from . import VENDOR
+
 DEFAULT_MODEL = "georsclip-vit-b-32"
 PREFIX = "mapquery_rs/"
 _REPO_ROOT = Path(__file__).resolve().parents[1]
+VENDORED_SOURCE = Path(__file__).resolve().parent / VENDOR  # in the zip: backend/, shared_protocol/, pyproject
 
 
 def default_backend_dir() -> str:
-    """The folder holding the ``backend`` package, when the plugin runs from a checkout of the project."""
-    return str(_REPO_ROOT) if (_REPO_ROOT / "backend" / "__init__.py").is_file() else ""
+    """The folder holding the ``backend`` package: the checkout of the project the plugin runs from, or the
+    backend's source vendored in the installed zip; empty when neither is there."""
+    for root in (_REPO_ROOT, VENDORED_SOURCE):
+        if (root / "backend" / "__init__.py").is_file():
+            return str(root)
+    return ""
 
 
 def default_backend_python() -> str:
