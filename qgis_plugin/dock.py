@@ -262,7 +262,10 @@ class MapQueryDock(QDockWidget):
             return
         self._probe = None
         try:
-            self.set_info(fut.result())
+            info = fut.result()
+            if self.manager.managed and self.manager.process_state() in ("stopped", "failed"):
+                raise ConnectionError("stopped")  # a stopped backend winding down still answers: not ours now
+            self.set_info(info)
         except Exception as exc:  # noqa: BLE001
             self.set_down(exc)
 

@@ -329,3 +329,42 @@ def backend_python_usable(settings: Settings) -> bool:
     """A backend Python is set and runnable (not checked: that it has the packages; Start will say)."""
     python = settings.backend_python
     return bool(python) and os.path.isfile(python) and os.access(python, os.X_OK)
+
+
+class StepsDialog(QDialog):
+    """Progress, output and outcome of a few commands (e.g. the weights download)."""
+
+    def __init__(self, title: str, steps: List[bs.Step], log: Path, parent: Optional[QWidget] = None):
+        super().__init__(parent)
+        self.setWindowTitle(title)
+        self.bar = QProgressBar()
+        self.bar.setRange(0, 1000)
+        self.output = QPlainTextEdit()
+        self.output.setReadOnly(True)
+        self.output.setMaximumBlockCount(200)
+        self.result_label = QLabel("")
+        self.result_label.setWordWrap(True)
+        self.result_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.close_btn = QPushButton("Cancel")
+        lay = QVBoxLayout(self)
+        for w in (self.bar, self.output, self.result_label, self.close_btn):
+            lay.addWidget(w)
+        self.runner = StepRunner(steps, log, self)
+        self.runner.progress.connect(lambda f: self.bar.setValue(int(1000 * f)))
+        self.runner.line.connect(self.output.appendPlainText)
+        self.runner.finished.connect(self._finished)
+        self.close_btn.clicked.connect(lambda: self.runner.cancel() if not self.runner.done else self.accept())
+        self.runner.start()
+
+    def _finished(self, ok: bool, message: str) -> None:
+        self.close_btn.setText("Close")
+        last = self.runner.tail[-1] if self.runner.tail else ""
+        self.result_label.setText(f"Done. {last}" if ok else message)
+        self.result_label.setStyleSheet("" if ok else "color: #b00")
+
+
+def weights_download_step(settings: Settings, model: str) -> bs.Step:
+    """``python -m backend weights --model M --download`` in the backend's environment."""
+    return bs.Step(f"Download the weights of {model}",
+                   [settings.backend_python, "-m", "backend", "weights", "--model", model, "--download"],
+                   env={"PYTHONPATH": settings.backend_dir} if settings.backend_dir else {})
