@@ -353,8 +353,7 @@ class MapQueryDock(QDockWidget):
         if choice == "setup":
             self.open_setup()
         elif choice == "connect":
-            self.manager.settings.mode = "connect"
-            self.open_settings()
+            self.open_settings(dataclasses.replace(self.manager.settings, mode="connect"))
 
     def open_setup(self) -> SetupDialog:
         if self.setup_dialog is None:
@@ -380,8 +379,9 @@ class MapQueryDock(QDockWidget):
             self.message("The model is chosen where the backend runs; this setting applies when the plugin starts "
                          "the backend.", Qgis.Info)
 
-    def open_settings(self) -> None:
-        dlg = SettingsDialog(self.manager.settings, self)
+    def open_settings(self, proposed=None) -> None:
+        """The settings dialog, showing ``proposed`` settings (default: the current ones) until OK."""
+        dlg = SettingsDialog(proposed or self.manager.settings, self)
         if dlg.exec_():
             new = dlg.settings()
             restart = self.manager.managed and self.manager.process is not None and (

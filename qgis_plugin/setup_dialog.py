@@ -2,6 +2,7 @@
 message), or connect to a running backend. Commands run in ``QProcess``es: QGIS's main thread never waits."""
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime
 import os
@@ -9,13 +10,14 @@ import re
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from qgis.PyQt.QtCore import QObject, QProcess, QProcessEnvironment, Qt, pyqtSignal
+from qgis.PyQt.QtCore import QObject, QProcess, QProcessEnvironment, Qt, QTimer, pyqtSignal
 from qgis.PyQt.QtWidgets import (QComboBox, QDialog, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
                                  QMessageBox, QPlainTextEdit, QProgressBar, QPushButton, QVBoxLayout, QWidget)
 
 from . import backend_setup as bs
 from .settings import Settings, default_backend_dir
 
+_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapquery-setup")
 PROGRESS_LINE = re.compile(r"^progress (\d+(?:\.\d+)?)\b")  # 'progress 0.42 ...' from a step: its own share
 
 
@@ -145,7 +147,8 @@ class SetupDialog(QDialog):
         self.log = bs.log_path(profile_dir)
         self.source_dir = default_backend_dir()
         self.runner: Optional[StepRunner] = None
-        self.gpu = bs.detect_gpu()
+        self.gpu: Optional[bs.Gpu] = None  # detected in a thread (nvidia-smi can be slow)
+        self._gpu_future = _POOL.submit(bs.detect_gpu)
 
         intro = QLabel("The backend (torch and the models) runs in a Python environment of its own, outside "
                        "QGIS's Python. This sets one up in your QGIS profile folder; it downloads about 1 GB "
@@ -163,7 +166,9 @@ class SetupDialog(QDialog):
         form.addRow("Packages from", self.source_combo)
         self.path_label = QLabel("Folder")
         form.addRow(self.path_label, self.path_row)
-        form.addRow("GPU", QLabel(self.gpu.describe()))
+        self.gpu_label = QLabel("looking for an NVIDIA GPU…")
+        self.gpu_label.setWordWrap(True)
+        form.addRow("GPU", self.gpu_label)
         target = QLabel(str(self.venv))
         target.setWordWrap(True)
         form.addRow("Environment", target)
@@ -199,6 +204,16 @@ class SetupDialog(QDialog):
         self._source_changed()
         if not self.python_edit.text():
             self.error_label.setText(bs.no_python_message())
+        self._gpu_timer = QTimer(self)
+        self._gpu_timer.timeout.connect(self._gpu_detected)
+        self._gpu_timer.start(100)
+
+    def _gpu_detected(self) -> bool:
+        if self.gpu is None and self._gpu_future.done():
+            self.gpu = self._gpu_future.result()
+            self.gpu_label.setText(self.gpu.describe())
+            self._gpu_timer.stop()
+        return self.gpu is not None
 
     @staticmethod
     def _with_browse(edit: QLineEdit, browse: Callable[[], None]) -> QWidget:
@@ -247,6 +262,9 @@ class SetupDialog(QDialog):
         if self.running:
             return False
         self.error_label.setText("")
+        if not self._gpu_detected():
+            self.error_label.setText("Still looking for a GPU (nvidia-smi); try again in a moment.")
+            return False
         python = self.python_edit.text().strip()
         source = self.source()
         try:

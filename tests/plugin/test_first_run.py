@@ -43,6 +43,8 @@ def test_zip_sets_up_and_starts_a_backend_offline(tmp_path):
     assert out["plugin_file"].startswith(str(plugins))
     assert out["fresh"] == {"backend_python": "", "backend_dir": str(plugins / "mapquery_rs" / "_vendor")}
     assert not out["started_at_init"] and out["asked"] and out["python_found"]
+    from qgis_plugin.backend_setup import detect_gpu
+    assert out["gpu"] == detect_gpu().describe()
     # a bad package source: a clear message (the step, the log, the command) and no settings changed
     bad = out["bad"]
     assert out["bad_started"] and not bad["ok"] and not bad["ready"] and not bad["process"]
@@ -117,3 +119,43 @@ def test_finding_python_and_the_gpu(tmp_path):
                     "| NVIDIA-SMI 550.54  Driver Version: 550.54  CUDA Version: 12.4 |")
     gpu = bs.detect_gpu(run=smi, which=lambda n: "/usr/bin/nvidia-smi")
     assert (gpu.kind, gpu.name, gpu.cuda) == ("cuda", "NVIDIA H100 80GB HBM3", (12, 4))
+
+
+def test_first_run_can_connect_to_a_running_backend_instead(qgis_app, project, tmp_path):
+    """'Connect to a running backend…' opens the settings in 'connect' mode; Cancel there changes nothing."""
+    import qgis_plugin
+    from qgis.PyQt.QtCore import QTimer
+    from qgis.PyQt.QtWidgets import QApplication
+    from qgis_plugin.settings import Settings
+    from qgis_plugin.settings_dialog import SettingsDialog
+    from test_dock import FakeIface, spin
+    Settings(mode="start", backend_python="", output_dir=str(tmp_path)).save()
+    iface = FakeIface()
+    plugin = qgis_plugin.classFactory(iface)
+    plugin.initGui()
+    seen = []
+    try:
+        dock = plugin.show_dock()
+        for answer in ("cancel", "ok"):
+            dock.start_backend()
+            assert dock.first_run is not None and plugin.manager.process is None
+
+            def answer_dialog(answer=answer):
+                dlg = QApplication.activeModalWidget()
+                seen.append((type(dlg).__name__, dlg.mode.currentData() if isinstance(dlg, SettingsDialog) else None))
+                if answer == "ok":
+                    dlg.address.setText("tcp://127.0.0.1:6553")
+                    dlg.accept()
+                else:
+                    dlg.reject()
+            QTimer.singleShot(300, answer_dialog)
+            dock.first_run.buttons_by_choice["connect"].click()
+            want = 1 if answer == "cancel" else 2
+            spin(lambda want=want: len(seen) == want, 10)
+            spin(lambda: dock.first_run is None, 10)
+            if answer == "cancel":
+                assert plugin.manager.settings.mode == "start" and Settings.load().mode == "start"
+        assert seen == [("SettingsDialog", "connect"), ("SettingsDialog", "connect")]
+        assert plugin.manager.settings.mode == "connect" and Settings.load().address == "tcp://127.0.0.1:6553"
+    finally:
+        plugin.unload()

@@ -81,7 +81,8 @@ dock.first_run.buttons_by_choice["setup"].click()
 spin(lambda: dock.setup_dialog is not None, 10)
 dlg = dock.setup_dialog
 out["python_found"] = dlg.python_edit.text()
-out["gpu"] = dlg.gpu.describe()
+spin(dlg._gpu_detected, 60)  # nvidia-smi runs in a thread
+out["gpu"] = dlg.gpu_label.text()
 
 # 1. a bad package source: an empty wheel folder
 dlg.source_combo.setCurrentIndex(dlg.source_combo.findData(bs.WHEELS))
