@@ -245,8 +245,9 @@ class MapQueryDock(QDockWidget):
         if state == "failed":
             hint = ""
             if self.manager.process is not None and self.manager.process.weights_missing():
-                hint = (" To try the plugin without them, choose the preset 'tiny' and add --random-weights under "
-                        "Settings > More arguments (its answers are meaningless).")
+                hint = (" Choose the checkpoint file, or download it, under Settings > Weights. To try the plugin "
+                        "without them, choose the preset 'tiny' and add --random-weights under Settings > More "
+                        "arguments (its answers are meaningless).")
             self.message(f"The backend could not start: {self.manager.failure()}{hint}", Qgis.Critical, 0)
         elif state == "stopped" and previous in ("ready", "starting") and not self._user_stopped:
             if self._restarts < MAX_AUTO_RESTARTS:
