@@ -25,7 +25,7 @@ from .manager import BackendManager
 from .outputs import output_dir
 from .processors import ClassifyProcessor, Common, LocalizeProcessor, SearchProcessor, tile_pixels
 from .settings_dialog import PRESETS, SettingsDialog
-from .setup_dialog import SetupDialog, adopt_ready_environment, backend_python_usable, first_run_box
+from .setup_dialog import FirstRun
 from .tasks import MapQueryTask, add_outcome
 
 SOURCES = [("view", "Map view (rendered)"), ("layer", "Layer extent (rendered)"),
@@ -49,8 +49,7 @@ class MapQueryDock(QDockWidget):
         self._last_state = ""
         self._restarts = 0
         self._user_stopped = False
-        self.first_run: Optional[Any] = None  # the 'no backend yet' question, while shown
-        self.setup_dialog: Optional[SetupDialog] = None
+        self.first_run = FirstRun(self)  # no backend Python yet: set one up, or connect
         self.search_hits: List[Dict[str, Any]] = []
         self._search_crs = None
 
@@ -314,11 +313,8 @@ class MapQueryDock(QDockWidget):
         if settings.mode != "start":
             self.message("Settings say 'connect to a running backend': the plugin does not start one.", Qgis.Info)
             return
-        if not backend_python_usable(settings):
-            if not adopt_ready_environment(settings, QgsApplication.qgisSettingsDirPath()):
-                self.offer_setup()
-                return
-            settings.save()
+        if not self.first_run.backend_ready():
+            return
         if not auto:
             self._restarts = 0
         self._user_stopped = False
@@ -340,36 +336,6 @@ class MapQueryDock(QDockWidget):
         self.clear_status()
         self.status_label.setText("stopped")
         self.poll()
-
-    # -- first run ----------------------------------------------------------------------------------
-    def offer_setup(self) -> None:
-        """No backend Python yet: offer to set one up, or to connect to a running backend."""
-        if self.first_run is not None:
-            return
-        self.first_run = first_run_box(self, self._first_run_choice)
-        self.first_run.open()
-
-    def _first_run_choice(self, choice: str) -> None:
-        self.first_run = None
-        if choice == "setup":
-            self.open_setup()
-        elif choice == "connect":
-            self.open_settings(dataclasses.replace(self.manager.settings, mode="connect"))
-
-    def open_setup(self) -> SetupDialog:
-        if self.setup_dialog is None:
-            self.setup_dialog = SetupDialog(self.manager.settings, QgsApplication.qgisSettingsDirPath(),
-                                            self._setup_ready, self)
-            self.setup_dialog.finished.connect(lambda _r: setattr(self, "setup_dialog", None))
-        self.setup_dialog.show()
-        return self.setup_dialog
-
-    def _setup_ready(self, settings) -> None:
-        """The setup completed: keep its settings and start the backend."""
-        self.manager.settings = settings
-        settings.save()
-        self.message("The backend's environment is ready; starting the backend.", Qgis.Success)
-        self.start_backend()
 
     def apply_model(self) -> None:
         self.manager.settings.model = self.model_combo.currentText().strip()

@@ -8,8 +8,9 @@ import datetime
 import os
 import re
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
+from qgis.core import Qgis, QgsApplication
 from qgis.PyQt.QtCore import QObject, QProcess, QProcessEnvironment, Qt, QTimer, pyqtSignal
 from qgis.PyQt.QtWidgets import (QComboBox, QDialog, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
                                  QMessageBox, QPlainTextEdit, QProgressBar, QPushButton, QVBoxLayout, QWidget)
@@ -386,3 +387,48 @@ def weights_download_step(settings: Settings, model: str) -> bs.Step:
     return bs.Step(f"Download the weights of {model}",
                    [settings.backend_python, "-m", "backend", "weights", "--model", model, "--download"],
                    env={"PYTHONPATH": settings.backend_dir} if settings.backend_dir else {})
+
+
+class FirstRun:
+    """What the dock does when Start finds no backend Python: pick up an environment set up earlier, or ask
+    (set one up / connect to a running backend) and, once set up, save the settings and start the backend.
+    ``dock`` needs ``manager``, ``message``, ``open_settings(proposed)`` and ``start_backend()``."""
+
+    def __init__(self, dock: Any):
+        self.dock = dock
+        self.box: Optional[QMessageBox] = None  # the question, while shown
+        self.dialog: Optional[SetupDialog] = None  # the setup, while shown
+
+    def backend_ready(self) -> bool:
+        """True when Start can go on; otherwise the question is shown (once)."""
+        settings = self.dock.manager.settings
+        if backend_python_usable(settings):
+            return True
+        if adopt_ready_environment(settings, QgsApplication.qgisSettingsDirPath()):
+            settings.save()
+            return True
+        if self.box is None:
+            self.box = first_run_box(self.dock, self._choice)
+            self.box.open()
+        return False
+
+    def _choice(self, choice: str) -> None:
+        self.box = None
+        if choice == "setup":
+            self.open_setup()
+        elif choice == "connect":
+            self.dock.open_settings(dataclasses.replace(self.dock.manager.settings, mode="connect"))
+
+    def open_setup(self) -> SetupDialog:
+        if self.dialog is None:
+            self.dialog = SetupDialog(self.dock.manager.settings, QgsApplication.qgisSettingsDirPath(), self._ready,
+                                      self.dock)
+            self.dialog.finished.connect(lambda _result: setattr(self, "dialog", None))
+        self.dialog.show()
+        return self.dialog
+
+    def _ready(self, settings: Settings) -> None:
+        self.dock.manager.settings = settings
+        settings.save()
+        self.dock.message("The backend's environment is ready; starting the backend.", Qgis.Success)
+        self.dock.start_backend()

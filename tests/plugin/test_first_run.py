@@ -138,7 +138,7 @@ def test_first_run_can_connect_to_a_running_backend_instead(qgis_app, project, t
         dock = plugin.show_dock()
         for answer in ("cancel", "ok"):
             dock.start_backend()
-            assert dock.first_run is not None and plugin.manager.process is None
+            assert dock.first_run.box is not None and plugin.manager.process is None
 
             def answer_dialog(answer=answer):
                 dlg = QApplication.activeModalWidget()
@@ -149,10 +149,10 @@ def test_first_run_can_connect_to_a_running_backend_instead(qgis_app, project, t
                 else:
                     dlg.reject()
             QTimer.singleShot(300, answer_dialog)
-            dock.first_run.buttons_by_choice["connect"].click()
+            dock.first_run.box.buttons_by_choice["connect"].click()
             want = 1 if answer == "cancel" else 2
             spin(lambda want=want: len(seen) == want, 10)
-            spin(lambda: dock.first_run is None, 10)
+            spin(lambda: dock.first_run.box is None, 10)
             if answer == "cancel":
                 assert plugin.manager.settings.mode == "start" and Settings.load().mode == "start"
         assert seen == [("SettingsDialog", "connect"), ("SettingsDialog", "connect")]

@@ -76,10 +76,10 @@ plugin.initGui()
 out["started_at_init"] = plugin.manager.process is not None
 dock = plugin.show_dock()
 dock.start_backend()  # Start with no backend Python: the plugin asks what to do
-out["asked"] = dock.first_run is not None and plugin.manager.process is None
-dock.first_run.buttons_by_choice["setup"].click()
-spin(lambda: dock.setup_dialog is not None, 10)
-dlg = dock.setup_dialog
+out["asked"] = dock.first_run.box is not None and plugin.manager.process is None
+dock.first_run.box.buttons_by_choice["setup"].click()
+spin(lambda: dock.first_run.dialog is not None, 10)
+dlg = dock.first_run.dialog
 out["python_found"] = dlg.python_edit.text()
 spin(dlg._gpu_detected, 60)  # nvidia-smi runs in a thread
 out["gpu"] = dlg.gpu_label.text()
