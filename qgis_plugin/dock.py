@@ -247,6 +247,9 @@ class MapQueryDock(QDockWidget):
                 hint = (" Choose the checkpoint file, or download it, under Settings > Weights. To try the plugin "
                         "without them, choose the preset 'tiny' and add --random-weights under Settings > More "
                         "arguments (its answers are meaningless).")
+            elif "No module named" in self.manager.failure():
+                hint = (f" {self.manager.settings.backend_python} lacks the backend's packages: empty Settings > "
+                        "Backend Python and press Start to set up an environment of its own.")
             self.message(f"The backend could not start: {self.manager.failure()}{hint}", Qgis.Critical, 0)
         elif state == "stopped" and previous in ("ready", "starting") and not self._user_stopped:
             if self._restarts < MAX_AUTO_RESTARTS:

@@ -159,3 +159,24 @@ def test_first_run_can_connect_to_a_running_backend_instead(qgis_app, project, t
         assert plugin.manager.settings.mode == "connect" and Settings.load().address == "tcp://127.0.0.1:6553"
     finally:
         plugin.unload()
+
+
+def test_a_backend_python_without_the_packages_is_named(qgis_app, project, tmp_path):
+    """QGIS's own interpreter as the backend Python: the failure says so and how to set one up."""
+    import qgis_plugin
+    from qgis.core import Qgis
+    from qgis_plugin.backend_process import free_port
+    from qgis_plugin.settings import Settings
+    from test_dock import FakeIface, spin
+    Settings(mode="start", backend_python=sys.executable, backend_dir="", address=f"tcp://127.0.0.1:{free_port()}",
+             output_dir=str(tmp_path)).save()
+    iface = FakeIface()
+    plugin = qgis_plugin.classFactory(iface)
+    plugin.initGui()
+    try:
+        plugin.show_dock()
+        spin(lambda: any(level == Qgis.Critical for level, _ in iface.bar.messages), 30)
+        text = [m for level, m in iface.bar.messages if level == Qgis.Critical][0]
+        assert "No module named" in text and f"{sys.executable} lacks the backend's packages" in text
+    finally:
+        plugin.unload()
