@@ -16,11 +16,10 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 from shared_protocol import ProtocolError
-from shared_protocol.client import DEFAULT_ADDRESS, Client
+from shared_protocol.client import Client
 from shared_protocol.defaults import DEFAULT_SMOOTH, DEFAULT_WINDOW_SIZES, MIN_VALID_SHARE
+from shared_protocol.endpoints import DEFAULT_ADDRESS, TOKEN_ENV
 from shared_protocol.ops import DEFAULT_MAX_CANVAS_PIXELS
-
-TOKEN_ENV = "MAPQUERY_TOKEN"
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -76,7 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_array_bytes=args.max_array_mb << 20, max_total_bytes=(args.max_array_mb << 20) * 2)
     try:
         # check the address before the (slow) model load
-        from .server import is_loopback
+        from shared_protocol.endpoints import is_loopback
         if not is_loopback(args.bind) and not token:
             raise ValueError(f"refusing to bind {args.bind} without an access token: pass --token or set "
                              f"{TOKEN_ENV}, or bind tcp://127.0.0.1")

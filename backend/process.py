@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -10,11 +9,9 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
+from shared_protocol.endpoints import free_address, free_port, is_ready_line, launch_env, serve_command
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["ServerProcess", "ServerStartError", "free_port", "start_server"]
 
 
 @dataclass
@@ -49,11 +46,10 @@ class ServerStartError(RuntimeError):
 def start_server(extra_args: Sequence[str], address: Optional[str] = None, timeout: float = 180.0,
                  python: str = sys.executable, env: Optional[dict] = None) -> ServerProcess:
     """Run ``python -m backend serve --bind ADDRESS EXTRA_ARGS`` and wait for its 'ready on' line."""
-    address = address or f"tcp://127.0.0.1:{free_port()}"
-    cmd = [python, "-m", "backend", "serve", "--bind", address, *extra_args]
+    address = address or free_address()
+    cmd = serve_command(python, address, extra_args)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    full_env["PYTHONPATH"] = root + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env = launch_env({**os.environ, **(env or {})}, source_dir=root)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env)
     server = ServerProcess(proc, address)
     ready = threading.Event()
@@ -62,7 +58,7 @@ def start_server(extra_args: Sequence[str], address: Optional[str] = None, timeo
         assert proc.stdout is not None
         for line in proc.stdout:
             server.output.append(line.rstrip("\n"))
-            if "ready on" in line:
+            if is_ready_line(line):
                 ready.set()
         ready.set()
 
@@ -72,7 +68,7 @@ def start_server(extra_args: Sequence[str], address: Optional[str] = None, timeo
         if time.monotonic() > deadline:
             server.stop()
             raise ServerStartError(f"backend not ready within {timeout:.0f} s", server.output)
-    if proc.poll() is not None or not any("ready on" in l for l in server.output):
+    if proc.poll() is not None or not any(is_ready_line(line) for line in server.output):
         proc.wait()
         raise ServerStartError(f"backend exited with code {proc.returncode}", server.output)
     return server

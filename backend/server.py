@@ -8,7 +8,6 @@ must only be used by the thread that owns it.
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import queue
 import threading
@@ -21,13 +20,14 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import zmq
 
 from shared_protocol import PROTOCOL_VERSION, ErrorCode, Limits, ProtocolError, Reply, Request, decode_request
+from shared_protocol.endpoints import DEFAULT_ADDRESS, is_loopback, token_refusal
 from shared_protocol.framing import DEFAULT_LIMITS
 from shared_protocol.ops import OPS
 
 from . import __version__
 
 log = logging.getLogger("backend.server")
-DEFAULT_BIND = "tcp://127.0.0.1:5555"
+DEFAULT_BIND = DEFAULT_ADDRESS
 
 
 class Job:
@@ -68,22 +68,6 @@ class Service:
         pass
 
 
-def is_loopback(address: str) -> bool:
-    """True for ipc://, inproc:// and tcp:// addresses on the loopback interface."""
-    scheme, _, rest = address.partition("://")
-    if scheme in ("ipc", "inproc"):
-        return True
-    if scheme != "tcp":
-        return False
-    host = rest.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # '*', interface names and host names may reach the network
-
-
 @dataclass
 class ServerConfig:
     bind: str = DEFAULT_BIND
@@ -99,9 +83,7 @@ class Server:
                  context: Optional[zmq.Context] = None):
         config = config or ServerConfig()
         if not is_loopback(config.bind) and not config.token:
-            raise ValueError(f"refusing to bind {config.bind} without an access token: a non-loopback address "
-                             "is reachable from the network. Pass --token (or set BACKEND_TOKEN), or bind "
-                             "tcp://127.0.0.1.")
+            raise ValueError(token_refusal(config.bind))
         self.service = service
         self.config = config
         self._ctx = context or zmq.Context.instance()

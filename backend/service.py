@@ -79,7 +79,7 @@ class ModelService(Service):
         dev = loaded.device
         device = {"type": dev.type, "name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
                   "precision": self.engine.precision.name,
-                  "adapter_precision": self.engine.adapter_precision}
+                  "adapter_precision": self.engine.adapter_precision, "reason": loaded.extra.get("gpu_unused", "")}
         return {
             "model": loaded.describe(),
             "adapters": [{"name": n, **meta} for n, meta in sorted(self.adapter_info.items())],

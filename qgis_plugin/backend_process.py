@@ -7,24 +7,16 @@ poll :meth:`BackendProcess.state` or block in :meth:`wait_ready` where blocking 
 from __future__ import annotations
 
 import atexit
-import re
-import socket
 import subprocess
 import threading
 import time
 from typing import Dict, List, Optional, Sequence
 
-# the backend's failure line: 'backend: cannot start (REASON): MESSAGE'
-CANNOT_START = re.compile(r"cannot start(?: \((\w+)\))?: (.*)")
+from shared_protocol.endpoints import CANNOT_START, free_port, is_ready_line
 
+__all__ = ["BackendProcess", "CANNOT_START", "FAILED", "READY", "STARTING", "STOPPED", "free_port", "start_and_wait"]
 STARTING, READY, FAILED, STOPPED = "starting", "ready", "failed", "stopped"
 _LIVE: "set[BackendProcess]" = set()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class BackendProcess:
@@ -70,7 +62,7 @@ class BackendProcess:
         for line in proc.stdout:
             self.output.append(line.rstrip("\n"))
             del self.output[:-self.max_lines]
-            if "ready on" in line and self._state == STARTING:
+            if is_ready_line(line) and self._state == STARTING:
                 self._state = READY
                 self._ready.set()
         proc.wait()
@@ -84,23 +76,37 @@ class BackendProcess:
         self._ready.wait(timeout)
         return self._state == READY and self.running
 
-    def stop(self, timeout: float = 10.0) -> Optional[int]:
-        """Terminate (then kill) the process; returns its exit code."""
+    def stop(self, timeout: float = 10.0, wait: bool = True) -> Optional[int]:
+        """Terminate (then, after ``timeout``, kill) the process; returns its exit code.
+
+        ``wait=False`` returns at once (the exit code is then None while it winds down): a thread waits
+        and kills it if needed, so that a caller on QGIS's main thread never freezes.
+        """
         proc = self.proc
-        _LIVE.discard(self)
         if proc is None:
             return None
         if proc.poll() is None:
             self._state = STOPPED
             proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            if not wait:  # stays in _LIVE (killed at exit) until the thread has reaped it
+                threading.Thread(target=self._reap, args=(timeout,), name="mapquery-backend-stop",
+                                 daemon=True).start()
+                return proc.poll()
+            self._reap(timeout)
+        _LIVE.discard(self)
         self._state = STOPPED
         self._done.wait(2.0)
         return proc.returncode
+
+    def _reap(self, timeout: float) -> None:
+        proc = self.proc
+        assert proc is not None
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        _LIVE.discard(self)
 
     # -- state ------------------------------------------------------------------------------------
     @property
@@ -118,7 +124,7 @@ class BackendProcess:
             match = CANNOT_START.search(line)
             if match:
                 return match.group(2).strip()
-        tail = [l for l in self.output[-5:] if l.strip()]
+        tail = [line for line in self.output[-5:] if line.strip()]
         code = self.proc.returncode if self.proc is not None else None
         return "; ".join(tail) or f"the backend exited with code {code}"
 

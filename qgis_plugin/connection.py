@@ -34,7 +34,9 @@ def describe(info: Dict[str, Any]) -> Dict[str, str]:
         "model": f"{model.get('name', '?')} ({model.get('arch', '?')})",
         "weights": weights,
         "adapters": ", ".join(adapters) if adapters else "none",
-        "device": " ".join(str(v) for v in (device.get("type"), device.get("name"), device.get("precision")) if v),
+        "device": " ".join(str(v) for v in (device.get("type"), device.get("name"), device.get("precision")) if v)
+        + (" (GPU in use)" if device.get("type") == "cuda" else
+           f" (GPU not used: {device['reason']})" if device.get("reason") else ""),
         "protocol": str(info.get("protocol", "?")),
         "backend_version": str(info.get("backend_version", "?")),
     }

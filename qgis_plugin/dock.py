@@ -29,6 +29,7 @@ from .manager import BackendManager
 from .masks import AreaOfInterest
 from .outputs import output_dir, write_csv
 from .settings_dialog import PRESETS, SettingsDialog
+from .setup_dialog import FirstRun
 from .sources import CaptureSource
 from .tasks import MapQueryTask, add_outcome
 from .tools.base import Common, Outcome, tile_pixels
@@ -94,6 +95,7 @@ class MapQueryDock(QDockWidget):
         self._last_state = ""
         self._restarts = 0
         self._user_stopped = False
+        self.first_run = FirstRun(self)  # no backend Python yet: set one up, or connect
         self.search_hits: List[Dict[str, Any]] = []
         self.last_heatmap: Optional[str] = None
         self._previous_tool: Any = None
@@ -412,8 +414,12 @@ class MapQueryDock(QDockWidget):
         if state == "failed":
             hint = ""
             if self.manager.process is not None and self.manager.process.weights_missing():
-                hint = (" To try the plugin without them, choose the preset 'tiny' and add --random-weights under "
-                        "Settings > More arguments (its answers are meaningless).")
+                hint = (" Choose the checkpoint file, or download it, under Settings > Weights. To try the plugin "
+                        "without them, choose the preset 'tiny' and add --random-weights under Settings > More "
+                        "arguments (its answers are meaningless).")
+            elif "No module named" in self.manager.failure():
+                hint = (f" {self.manager.settings.backend_python} lacks the backend's packages: empty Settings > "
+                        "Backend Python and press Start to set up an environment of its own.")
             self.message(f"The backend could not start: {self.manager.failure()}{hint}", Qgis.Critical, 0)
         elif state == "stopped" and previous in ("ready", "starting") and not self._user_stopped:
             if self._restarts < MAX_AUTO_RESTARTS:
@@ -429,7 +435,10 @@ class MapQueryDock(QDockWidget):
             return
         self._probe = None
         try:
-            self.set_info(fut.result())
+            info = fut.result()
+            if self.manager.managed and self.manager.process_state() in ("stopped", "failed"):
+                raise ConnectionError("stopped")  # a stopped backend winding down still answers: not ours now
+            self.set_info(info)
         except Exception as exc:  # noqa: BLE001
             self.set_down(exc)
 
@@ -466,11 +475,19 @@ class MapQueryDock(QDockWidget):
             state, plain_message(exc))
         self.info = {}
         self.status_label.setText(f"<b style='color:#b00'>not connected</b>: {words}")
+        self.clear_status()
+
+    def clear_status(self) -> None:
+        """Forget what a backend that is gone said about itself (model, weights, device, protocol)."""
+        for label in (self.model_label, self.weights_label, self.device_label, self.protocol_label):
+            label.setText("-")
 
     def start_backend(self, auto: bool = False) -> None:
         settings = self.manager.settings
         if settings.mode != "start":
             self.message("Settings say 'connect to a running backend': the plugin does not start one.", Qgis.Info)
+            return
+        if not self.first_run.backend_ready():
             return
         if not auto:
             self._restarts = 0
@@ -483,8 +500,15 @@ class MapQueryDock(QDockWidget):
         self.status_label.setText("starting the backend (loading the model)…")
 
     def stop_backend(self) -> None:
+        """Cancel running requests, stop the backend without waiting for it, and forget its status."""
         self._user_stopped = True
-        self.manager.stop()
+        for task in list(self.tasks):
+            if not task.done:
+                task.cancel()
+        self.manager.stop(wait=False)
+        self.info = {}
+        self.clear_status()
+        self.status_label.setText("stopped")
         self.poll()
 
     def apply_model(self) -> None:
@@ -496,8 +520,9 @@ class MapQueryDock(QDockWidget):
             self.message("The model is chosen where the backend runs; this setting applies when the plugin starts "
                          "the backend.", Qgis.Info)
 
-    def open_settings(self) -> None:
-        dlg = SettingsDialog(self.manager.settings, self)
+    def open_settings(self, proposed=None) -> None:
+        """The settings dialog, showing ``proposed`` settings (default: the current ones) until OK."""
+        dlg = SettingsDialog(proposed or self.manager.settings, self)
         if dlg.exec_():
             new = dlg.settings()
             restart = self.manager.managed and self.manager.process is not None and (

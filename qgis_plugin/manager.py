@@ -2,17 +2,13 @@
 from __future__ import annotations
 
 from typing import List, Optional
-from urllib.parse import urlparse
+
+from shared_protocol.endpoints import is_loopback, needs_token
 
 from .backend_process import STOPPED, BackendProcess
 from .settings import Settings
 
-
-def is_loopback(address: str) -> bool:
-    if address.startswith("ipc://") or address.startswith("inproc://"):
-        return True
-    host = urlparse(address).hostname or ""
-    return host in ("127.0.0.1", "localhost", "::1")
+__all__ = ["BackendManager", "is_loopback"]
 
 
 class BackendManager:
@@ -21,6 +17,7 @@ class BackendManager:
     def __init__(self, settings: Optional[Settings] = None):
         self.settings = settings or Settings()
         self.process: Optional[BackendProcess] = None
+        self._stopping: Optional[BackendProcess] = None  # stopped without waiting, maybe still winding down
 
     @property
     def managed(self) -> bool:
@@ -29,15 +26,21 @@ class BackendManager:
     def start(self) -> BackendProcess:
         """Start (or restart) the backend with the current settings; returns at once."""
         self.stop()
-        if not is_loopback(self.settings.address) and not self.settings.token:
+        if self._stopping is not None:  # its port must be free before the next backend binds it
+            self._stopping.stop()
+            self._stopping = None
+        if needs_token(self.settings.address) and not self.settings.token:
             raise ValueError("a backend started on a non-loopback address needs an access token")
         self.process = BackendProcess(self.settings.serve_command(), env=self.settings.backend_env(),
                                       cwd=self.settings.backend_dir or None).start()
         return self.process
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """Stop the plugin's backend; ``wait=False`` returns at once (for QGIS's main thread)."""
         if self.process is not None:
-            self.process.stop()
+            self.process.stop(wait=wait)
+            if not wait:
+                self._stopping = self.process
             self.process = None
 
     def process_state(self) -> str:

@@ -25,8 +25,9 @@ class MapQueryPlugin:
 
     def initProcessing(self) -> None:  # noqa: N802 (QGIS's name)
         from .processing.provider import MapQueryProvider
-        self.provider = MapQueryProvider()
-        QgsApplication.processingRegistry().addProvider(self.provider)
+        provider = MapQueryProvider()
+        # refused (and deleted by QGIS) when a provider 'mapquery' is registered already: then not ours to remove
+        self.provider = provider if QgsApplication.processingRegistry().addProvider(provider) else None
 
     def initGui(self) -> None:  # noqa: N802
         self.initProcessing()

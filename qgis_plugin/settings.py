@@ -5,22 +5,29 @@ logic using it is testable without QGIS's settings store.
 """
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+from shared_protocol.endpoints import DEFAULT_ADDRESS, launch_env, serve_command
+
+from . import VENDOR
+
 DEFAULT_MODEL = "georsclip-vit-b-32"
 PREFIX = "mapquery_rs/"
 _REPO_ROOT = Path(__file__).resolve().parents[1]
+VENDORED_SOURCE = Path(__file__).resolve().parent / VENDOR  # in the zip: backend/, shared_protocol/, pyproject
 
 
 def default_backend_dir() -> str:
-    """The folder holding the ``backend`` package, when the plugin runs from a checkout of the project."""
-    return str(_REPO_ROOT) if (_REPO_ROOT / "backend" / "__init__.py").is_file() else ""
+    """The folder holding the ``backend`` package: the checkout of the project the plugin runs from, or the
+    backend's source vendored in the installed zip; empty when neither is there."""
+    for root in (_REPO_ROOT, VENDORED_SOURCE):
+        if (root / "backend" / "__init__.py").is_file():
+            return str(root)
+    return ""
 
 
 def default_backend_python() -> str:
@@ -40,6 +47,7 @@ class Settings:
     backend_python: str = field(default_factory=default_backend_python)
     backend_dir: str = field(default_factory=default_backend_dir)  # added to PYTHONPATH of the backend
     model: str = DEFAULT_MODEL
+    checkpoint: str = ""  # a weights file for the model (serve --checkpoint FILE); empty: the weights folder
     extra_args: str = ""  # more 'serve' arguments, e.g. "--device cpu --adapter mine=/path/a.pt"
     offline: bool = True
     output_dir: str = ""  # empty: <project folder>/mapquery_outputs
@@ -48,21 +56,16 @@ class Settings:
     # -- derived ----------------------------------------------------------------------------------
     def serve_command(self, bind: Optional[str] = None) -> List[str]:
         """The command line that starts a backend serving ``self.model`` on ``bind``."""
-        python = self.backend_python or sys.executable
-        cmd = [python, "-m", "backend", "serve", "--bind", bind or self.address, "--model", self.model]
+        args = ["--model", self.model]
+        if self.checkpoint:
+            args += ["--checkpoint", self.checkpoint]
         if self.offline:
-            cmd.append("--offline")
-        cmd += shlex.split(self.extra_args)
-        return cmd
+            args.append("--offline")
+        return serve_command(self.backend_python or sys.executable, bind or self.address,
+                             args + shlex.split(self.extra_args))
 
     def backend_env(self) -> Dict[str, str]:
-        env = dict(os.environ)
-        env["PYTHONUNBUFFERED"] = "1"
-        if self.token:
-            env["MAPQUERY_TOKEN"] = self.token
-        if self.backend_dir:
-            env["PYTHONPATH"] = self.backend_dir + os.pathsep + env.get("PYTHONPATH", "")
-        return env
+        return launch_env(source_dir=self.backend_dir, token=self.token)
 
     # -- storage ----------------------------------------------------------------------------------
     @classmethod

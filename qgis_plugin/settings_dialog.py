@@ -4,7 +4,8 @@ from __future__ import annotations
 from typing import Optional
 
 from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog,
-                                 QFormLayout, QHBoxLayout, QLineEdit, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+                                 QFormLayout, QHBoxLayout, QLineEdit, QMessageBox, QPushButton, QSpinBox, QVBoxLayout,
+                                 QWidget)
 
 from .settings import Settings
 
@@ -16,7 +17,7 @@ MODES = [("start", "Start the backend myself (stopped when QGIS quits)"),
          ("connect", "Connect to a running backend (this or another machine)")]
 
 
-def _with_browse(edit: QLineEdit, directory: bool) -> QWidget:
+def _with_browse(edit: QLineEdit, directory: bool, caption: str = "Choose the Python interpreter") -> QWidget:
     box = QWidget()
     lay = QHBoxLayout(box)
     lay.setContentsMargins(0, 0, 0, 0)
@@ -26,7 +27,7 @@ def _with_browse(edit: QLineEdit, directory: bool) -> QWidget:
 
     def browse() -> None:
         path = (QFileDialog.getExistingDirectory(box, "Choose a folder", edit.text()) if directory else
-                QFileDialog.getOpenFileName(box, "Choose the Python interpreter", edit.text())[0])
+                QFileDialog.getOpenFileName(box, caption, edit.text())[0])
         if path:
             edit.setText(path)
     btn.clicked.connect(browse)
@@ -57,6 +58,13 @@ class SettingsDialog(QDialog):
         self.model.setEditable(True)
         self.model.addItems(PRESETS)
         self.model.setCurrentText(settings.model)
+        self.checkpoint = QLineEdit(settings.checkpoint)
+        self.checkpoint.setPlaceholderText("empty: the preset's file in the weights folder")
+        self.checkpoint.setToolTip("A weights file for the model (serve --checkpoint FILE)")
+        self.download_btn = QPushButton("Download…")
+        self.download_btn.setToolTip("Download the preset's weights into the weights folder (online), or show "
+                                     "where to get them")
+        self.download_btn.clicked.connect(self.download_weights)
         self.extra = QLineEdit(settings.extra_args)
         self.extra.setPlaceholderText("--device cpu --adapter mine=/path/adapter.pt --random-weights")
         self.offline = QCheckBox("Do not download weights (--offline)")
@@ -80,6 +88,10 @@ class SettingsDialog(QDialog):
         form.addRow("Backend Python", _with_browse(self.python, False))
         form.addRow("Backend source folder", _with_browse(self.backend_dir, True))
         form.addRow("Model preset", self.model)
+        weights_row = QHBoxLayout()
+        weights_row.addWidget(_with_browse(self.checkpoint, False, "Choose the checkpoint"), 1)
+        weights_row.addWidget(self.download_btn)
+        form.addRow("Weights", weights_row)
         form.addRow("More arguments", self.extra)
         form.addRow("", self.offline)
         form.addRow("Request timeout", self.timeout)
@@ -97,13 +109,29 @@ class SettingsDialog(QDialog):
 
     def _update(self) -> None:
         start = self.mode.currentData() == "start"
-        for w in (self.python, self.backend_dir, self.model, self.extra, self.offline):
+        for w in (self.python, self.backend_dir, self.model, self.checkpoint, self.download_btn, self.extra,
+                  self.offline):
             w.setEnabled(start)
+
+    def download_weights(self) -> None:
+        """Fetch the preset's weights through the backend's environment (progress, log, offline instructions)."""
+        from qgis.core import QgsApplication
+        from .backend_setup import log_path
+        from .setup_dialog import StepsDialog, backend_python_usable, weights_download_step
+        settings = self.settings()
+        if not backend_python_usable(settings):
+            QMessageBox.information(self, "MapQuery RS", "Set up the backend first (MapQuery dock > Start): the "
+                                    "download runs in its environment.")
+            return
+        self.downloader = StepsDialog("MapQuery RS: weights", [weights_download_step(settings, settings.model)],
+                                      log_path(QgsApplication.qgisSettingsDirPath()).with_name("weights.log"), self)
+        self.downloader.show()
 
     def settings(self) -> Settings:
         return Settings(mode=self.mode.currentData(), address=self.address.text().strip(),
                         token=self.token.text().strip(), timeout_s=self.timeout.value(),
                         retries=self.retries.value(), backend_python=self.python.text().strip(),
                         backend_dir=self.backend_dir.text().strip(), model=self.model.currentText().strip(),
-                        extra_args=self.extra.text().strip(), offline=self.offline.isChecked(),
+                        checkpoint=self.checkpoint.text().strip(), extra_args=self.extra.text().strip(),
+                        offline=self.offline.isChecked(),
                         output_dir=self.output_dir.text().strip(), heatmap_opacity=self.opacity.value())

@@ -8,11 +8,15 @@ from typing import Any, Callable, List, Optional
 
 from qgis.core import QgsApplication, QgsProject, QgsTask
 
+from shared_protocol import ErrorCode, ProtocolError
+
 from .connection import make_client
 from .errors import plain_message
 from .layers import add_group, classification_layer, heatmap_layer, ranking_layer, regions_layer, set_provenance
 from .tools.base import Feedback, Outcome
 from .settings import Settings
+
+CANCEL_GRACE_S = 1.0  # after a cancel, how long the task waits for the backend to confirm before it ends anyway
 
 
 class MapQueryTask(QgsTask):
@@ -32,17 +36,37 @@ class MapQueryTask(QgsTask):
         self.done = False
 
     def run(self) -> bool:  # worker thread: no widgets, no layers
+        """Run the processor in a thread of its own, so that a cancel ends the task within
+        ``CANCEL_GRACE_S`` even when the backend never answers (stopped, killed, stuck in a batch)."""
         feedback = Feedback(lambda p, m: self.setProgress(100.0 * p), self.cancel_event)
-        try:
-            client = self.client_factory()
+        box: dict = {}
+
+        def work() -> None:
             try:
-                self.outcome = self.processor.run(client, feedback)
-            finally:
-                client.close()
-            return True
-        except BaseException as exc:  # noqa: BLE001 - reported on the main thread
-            self.error = exc
+                client = self.client_factory()
+                try:
+                    box["outcome"] = self.processor.run(client, feedback)
+                finally:
+                    client.close()
+            except BaseException as exc:  # noqa: BLE001 - reported on the main thread
+                box["error"] = exc
+
+        worker = threading.Thread(target=work, name="mapquery-request", daemon=True)
+        worker.start()
+        cancelled_at: Optional[float] = None
+        while worker.is_alive():
+            worker.join(0.05)
+            if self.isCanceled():
+                self.cancel_event.set()
+            if self.cancel_event.is_set():
+                cancelled_at = cancelled_at or time.monotonic()
+                if time.monotonic() - cancelled_at > CANCEL_GRACE_S:
+                    break  # the request thread ends on its own (its client gives up after a cancel)
+        if self.cancel_event.is_set():  # whatever the request ended with (a dead backend ...): cancelled
+            self.error = ProtocolError(ErrorCode.CANCELLED, f"{self.processor.title} cancelled")
             return False
+        self.outcome, self.error = box.get("outcome"), box.get("error")
+        return self.error is None
 
     def cancel(self) -> None:
         self.cancel_event.set()

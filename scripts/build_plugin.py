@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """Build ``dist/mapquery_rs.zip`` for QGIS's Plugin Manager > Install from ZIP.
 
-The zip holds one folder, ``mapquery_rs/``: the plugin (``qgis_plugin/``), ``metadata.txt`` and a vendored
-copy of ``shared_protocol/`` under ``_vendor/`` (the plugin's ``__init__`` puts its folder on ``sys.path`` when needed).
+The zip holds one folder, ``mapquery_rs/``: the plugin (``qgis_plugin/``), ``metadata.txt`` and, under
+``_vendor/``, the backend's source as laid out in the repository: ``shared_protocol/`` (the plugin's ``__init__``
+puts ``_vendor`` on ``sys.path`` when needed), ``backend/`` and ``pyproject.toml`` (its dependencies). QGIS never
+imports ``backend``: the plugin's first-run setup installs those dependencies into a virtualenv of their own
+and starts ``python -m backend serve`` there with ``_vendor`` on its ``PYTHONPATH``.
 Also usable as a module: :func:`build` or :func:`stage` (an unpacked plugin folder, for ``make qgis``).
 """
 from __future__ import annotations
@@ -18,13 +21,15 @@ from typing import Iterator, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_NAME = "mapquery_rs"
+VENDOR = "_vendor"  # the backend's source tree inside the plugin folder
 SKIP_DIRS = {"__pycache__", ".pytest_cache", ".hypothesis"}
 SKIP_SUFFIXES = {".pyc", ".pyo"}
 
 
 def _files(root: Path = ROOT) -> Iterator[Tuple[Path, str]]:
     """(source file, path inside the plugin folder)."""
-    for base, prefix in ((root / "qgis_plugin", ""), (root / "shared_protocol", "_vendor/shared_protocol/")):
+    for base, prefix in ((root / "qgis_plugin", ""), (root / "shared_protocol", f"{VENDOR}/shared_protocol/"),
+                         (root / "backend", f"{VENDOR}/backend/")):
         for dirpath, dirnames, filenames in os.walk(base):
             dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
             for name in sorted(filenames):
@@ -33,6 +38,7 @@ def _files(root: Path = ROOT) -> Iterator[Tuple[Path, str]]:
                     continue
                 yield path, prefix + path.relative_to(base).as_posix()
     yield root / "metadata.txt", "metadata.txt"
+    yield root / "pyproject.toml", f"{VENDOR}/pyproject.toml"
     for extra in ("LICENSE", "README.md"):
         if (root / extra).is_file():
             yield root / extra, extra

@@ -23,9 +23,12 @@ mkdir -p "$PLUGINS" "$PROFILE_DIR/QGIS"
 INI="$PROFILE_DIR/QGIS/QGIS3.ini"
 BACKEND_PYTHON="${BACKEND_PYTHON:-$ROOT/.venv/bin/python}"
 /usr/bin/python3 - "$INI" "$BACKEND_PYTHON" "$ROOT" "${MAPQUERY_MODEL:-georsclip-vit-b-32}" "${MAPQUERY_EXTRA:-}" \
-  "${MAPQUERY_MODE:-start}" "${MAPQUERY_ADDRESS:-tcp://127.0.0.1:5555}" <<'PY'
+  "${MAPQUERY_MODE:-start}" "${MAPQUERY_ADDRESS:-}" <<'PY'
 import configparser, sys
 ini, python, root, model, extra, mode, address = sys.argv[1:8]
+sys.path.insert(0, root)
+from shared_protocol.endpoints import DEFAULT_ADDRESS
+address = address or DEFAULT_ADDRESS
 cfg = configparser.RawConfigParser()
 cfg.optionxform = str
 cfg.read(ini)

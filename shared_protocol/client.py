@@ -29,13 +29,13 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import zmq
 
+from .endpoints import DEFAULT_ADDRESS
 from .errors import ErrorCode, ProtocolError
 from .framing import DEFAULT_LIMITS, Limits
 from .messages import PROTOCOL_VERSION, Reply, Request, decode_reply, new_request_id
 from .ops import OPS
 
 ProgressCallback = Callable[[float, str], None]
-DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 
 
 class CanvasIds:

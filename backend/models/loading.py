@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -20,15 +21,11 @@ import torch
 
 from shared_protocol import ErrorCode, ProtocolError
 
-from .presets import CONFIG_DIR, DEFAULT_PRESET, Preset, get_preset
+from .presets import CONFIG_DIR, DEFAULT_PRESET, Preset, get_preset, weights_dir
 
 log = logging.getLogger("backend.models")
 PathLike = Union[str, os.PathLike]
 _registered_dirs: set = set()
-
-
-def weights_dir() -> Path:
-    return Path(os.environ.get("MAPQUERY_WEIGHTS", Path.home() / ".cache" / "mapquery-rs" / "weights"))
 
 
 class ModelLoadError(ProtocolError):
@@ -83,6 +80,19 @@ def resolve_device(device: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("CUDA was asked for but torch sees no CUDA device; use --device cpu", device=device)
     return dev
+
+
+def gpu_unused_reason(requested: Optional[str], device: torch.device) -> str:
+    """Why the model does not run on a GPU, in words ('' when it does)."""
+    if device.type != "cpu":
+        return ""
+    if requested not in (None, "", "auto"):
+        return f"--device {requested} was asked for"
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        return "torch has no CUDA build (a CPU-only wheel)"
+    if shutil.which("nvidia-smi") is None and not os.path.exists("/proc/driver/nvidia"):
+        return "no NVIDIA driver"
+    return f"torch (built for CUDA {torch.version.cuda}) sees no usable GPU; the driver may be older than that"
 
 
 def register_config(path: PathLike) -> str:
@@ -222,7 +232,7 @@ def load_model(model: str = DEFAULT_PRESET, *, model_config: Optional[PathLike] 
         resize_mode=pp.get("resize_mode", "shortest"), device=dev, weights=weights,
         random_weights=source is None, quick_gelu=_uses_quick_gelu(clip),
         embed_dim=int(clip.text_projection.shape[1]) if getattr(clip, "text_projection", None) is not None
-        else int(getattr(clip, "embed_dim", 0) or 0),
+        else int(getattr(clip, "embed_dim", 0) or 0), extra={"gpu_unused": gpu_unused_reason(device, dev)},
     )
 
 

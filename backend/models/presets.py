@@ -5,6 +5,7 @@ Models initialised from OpenAI CLIP use QuickGELU: their presets name the ``-qui
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Optional
@@ -77,6 +78,12 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
     Preset("tiny-quickgelu", "tiny-vit-quickgelu", "test", "tiny ViT with QuickGELU (random weights)",
            random_only=True),
 )}
+
+
+def weights_dir() -> Path:
+    """Where the backend looks for a preset's checkpoint first: ``$MAPQUERY_WEIGHTS`` or
+    ``~/.cache/mapquery-rs/weights``."""
+    return Path(os.environ.get("MAPQUERY_WEIGHTS", Path.home() / ".cache" / "mapquery-rs" / "weights"))
 
 
 def get_preset(name: str) -> Optional[Preset]:

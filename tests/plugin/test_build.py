@@ -21,10 +21,17 @@ def test_zip_layout_and_metadata(tmp_path):
         meta.read_string(zf.read("mapquery_rs/metadata.txt").decode())
     assert {n.split("/")[0] for n in names} == {"mapquery_rs"}  # one top folder, as QGIS expects
     for needed in ("__init__.py", "plugin.py", "dock.py", "capture.py", "icon.svg", "processing/provider.py",
-                   "_vendor/shared_protocol/client.py", "_vendor/shared_protocol/messages.py"):
+                   "_vendor/shared_protocol/client.py", "_vendor/shared_protocol/messages.py",
+                   "_vendor/shared_protocol/endpoints.py", "_vendor/backend/__main__.py", "_vendor/backend/cli.py",
+                   "_vendor/backend/models/configs/tiny-vit.json", "_vendor/pyproject.toml"):
         assert f"mapquery_rs/{needed}" in names
     assert not [n for n in names if n.endswith(".pyc") or "__pycache__" in n or "tests/" in n]
     assert not [n for n in names if n.startswith("mapquery_rs/backend/")]  # torch stays out of QGIS
+    # the backend's whole source travels, for the first-run setup (its own venv, outside QGIS's Python)
+    repo_backend = {p.relative_to(ROOT).as_posix() for p in (ROOT / "backend").rglob("*")
+                    if p.is_file() and p.suffix != ".pyc" and "__pycache__" not in p.parts}
+    vendored = "mapquery_rs/_vendor/"
+    assert repo_backend == {n[len(vendored):] for n in names if n.startswith(vendored + "backend/")}
     g = meta["general"]
     assert g["name"] == "MapQuery RS" and g["qgisMinimumVersion"] == "3.22" and g["hasProcessingProvider"] == "yes"
     assert f"mapquery_rs/{g['icon']}" in names
