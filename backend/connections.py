@@ -5,7 +5,9 @@ connection's file descriptor. :class:`ConnectionGuard` keeps those, reads each o
 kernel (``TCP_INFO``: milliseconds since data last arrived) and ends a connection with ``shutdown(2)`` on its
 descriptor: ZeroMQ then sees the peer hang up and cleans up (and frees whatever the peer left unfinished).
 Over the cap, the connection idle the longest goes first; a client waiting for a reply sends heartbeats
-every second, so it is never the idlest. ZMTP heartbeats and the handshake timeout end silent peers.
+every second, so it is never the idlest. ZMTP heartbeats and the handshake timeout end silent peers. A
+connection whose received bytes run ahead of its complete messages by more than the largest message allowed
+(an unfinished multipart message, which ZeroMQ buffers without limit) is closed too.
 """
 from __future__ import annotations
 
@@ -14,14 +16,16 @@ import resource
 import socket
 import struct
 import time
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 log = logging.getLogger("backend.connections")
-TCP_INFO_LEN = 104
+TCP_INFO_LEN = 136
 LAST_DATA_RECV_OFFSET = 52  # struct tcp_info: 8 one-byte fields, then u32 rto ... last_data_recv at byte 52
+BYTES_RECEIVED_OFFSET = 128  # u64 tcpi_bytes_received (Linux 4.1+)
+UNFINISHED_SLACK = 1 << 20  # handshakes, heartbeats and framing the byte count of complete messages leaves out
 EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 
 
@@ -38,19 +42,37 @@ def raise_fd_limit(wanted: int = 65536) -> int:
     return int(soft)
 
 
-def idle_ms(fd: int) -> Optional[int]:
-    """Milliseconds since the TCP connection on ``fd`` last received data; None when not TCP."""
+def tcp_info(fd: int) -> Optional[Tuple[int, int]]:
+    """(milliseconds since data last arrived, bytes received) of the TCP connection on ``fd``; None when not
+    TCP (ipc://) or gone."""
     try:
         sock = socket.socket(fileno=fd)  # no dup: nothing new is opened
     except OSError:
         return None
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
-        return struct.unpack_from("<I", info, LAST_DATA_RECV_OFFSET)[0]
-    except OSError:
+        received = struct.unpack_from("<Q", info, BYTES_RECEIVED_OFFSET)[0] if len(info) >= 136 else 0
+        return struct.unpack_from("<I", info, LAST_DATA_RECV_OFFSET)[0], received
+    except (OSError, struct.error):
         return None
     finally:
         sock.detach()
+
+
+def idle_ms(fd: int) -> Optional[int]:
+    """Milliseconds since the TCP connection on ``fd`` last received data; None when not TCP."""
+    info = tcp_info(fd)
+    return None if info is None else info[0]
+
+
+def wire_bytes(frames: Sequence[Any], curve: bool = False) -> int:
+    """Bytes a message took on the wire under ZMTP 3 (a 2- or 9-byte frame header; with CURVE each frame is a
+    MESSAGE command: 33 more bytes)."""
+    total = 0
+    for f in frames:
+        size = memoryview(getattr(f, "buffer", f)).nbytes + (33 if curve else 0)
+        total += size + (2 if size < 256 else 9)
+    return total
 
 
 def hang_up(fd: int) -> bool:
@@ -79,13 +101,18 @@ def harden_router(router: zmq.Socket, handshake_s: float = 10.0, heartbeat_s: fl
 class ConnectionGuard:
     """Counts the ROUTER's connections through its monitor, caps them and reaps idle ones."""
 
-    def __init__(self, router: zmq.Socket, max_connections: int, idle_timeout_s: float):
+    def __init__(self, router: zmq.Socket, max_connections: int, idle_timeout_s: float,
+                 max_message_bytes: int = 0, curve: bool = False):
         self.max_connections = max_connections
         self.idle_timeout_s = idle_timeout_s
+        self.max_message_bytes = max_message_bytes  # 0: unfinished input is not watched
+        self.curve = curve
         self.monitor = router.get_monitor_socket(EVENTS)
         self.open: Dict[int, float] = {}  # fd -> accepted at (monotonic)
+        self.completed: Dict[int, int] = {}  # fd -> wire bytes of the complete messages it delivered
         self.evicted = 0
         self.reaped = 0
+        self.cut_unfinished = 0
         self._next_sweep = time.monotonic() + 1.0
 
     def on_events(self) -> None:
@@ -102,6 +129,35 @@ class ConnectionGuard:
                     self._evict_idlest()
             else:
                 self.open.pop(fd, None)
+                self.completed.pop(fd, None)
+
+    def on_message(self, frames: Sequence[Any]) -> None:
+        """Count a complete message against the connection it came from (ZeroMQ's ``SRCFD``)."""
+        try:
+            fd = int(frames[-1].get(zmq.SRCFD))
+        except (zmq.ZMQError, AttributeError, TypeError, ValueError):
+            return
+        self.completed[fd] = self.completed.get(fd, 0) + wire_bytes(frames[1:], self.curve)
+
+    def cut_unfinished_input(self) -> None:
+        """Close a connection whose bytes received, less its complete messages, exceed the largest message
+        allowed: a multipart message that never ends (ZeroMQ would buffer it without limit, since its
+        queues count finished messages only)."""
+        if not self.max_message_bytes:
+            return
+        for fd in list(self.open):
+            info = tcp_info(fd)
+            if info is None:
+                continue
+            received = info[1]
+            unfinished = received - self.completed.get(fd, 0)
+            if unfinished > self.max_message_bytes + UNFINISHED_SLACK + received // 100:
+                self.open.pop(fd)
+                self.completed.pop(fd, None)
+                if hang_up(fd):
+                    self.cut_unfinished += 1
+                    log.warning("closed a connection sending %d bytes of unfinished message (limit %d)",
+                                unfinished, self.max_message_bytes)
 
     def _evict_idlest(self) -> None:
         idle = {fd: idle_ms(fd) for fd in self.open}
@@ -128,7 +184,8 @@ class ConnectionGuard:
 
     def stats(self) -> Dict[str, int]:
         return {"connections": len(self.open), "max_connections": self.max_connections,
-                "idle_timeout_s": int(self.idle_timeout_s), "evicted": self.evicted, "reaped": self.reaped}
+                "idle_timeout_s": int(self.idle_timeout_s), "evicted": self.evicted, "reaped": self.reaped,
+                "cut_unfinished": self.cut_unfinished}
 
     def close(self) -> None:
         self.monitor.close(linger=0)
