@@ -278,3 +278,34 @@ def test_a_network_bind_needs_curve_or_a_token(tmp_path):
     done = run_cli("serve", "--model", "tiny", "--random-weights", "--bind", f"tcp://0.0.0.0:{free_port()}",
                    timeout=60)
     assert done.returncode == 2 and "MAPQUERY_TOKEN" in done.stderr and "--curve-keys" in done.stderr
+
+
+PEAK_SCRIPT = """
+import resource, sys, numpy as np
+from backend.models import load_model
+from backend.engine import Engine, EngineConfig
+from backend.service import ModelService
+from backend.tasks import localize as L
+from shared_protocol import Request
+crop, side = int(sys.argv[1]), int(sys.argv[2])
+loaded = load_model("tiny", random_weights=True, device="cpu")
+eng = Engine(loaded, EngineConfig(precision="fp32", cache_bytes=0))
+canvas = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+params = {"queries": ["q"], "window_sizes": [256, 512, 768], "crop_size": crop, "smooth": 0, "normalize": True,
+          "value_range": None, "adapter": None, "canvas_id": None}
+from backend.budget import check_budget  # budget 0: no check, the estimate is returned
+est = check_budget("localize", params, {"canvas": canvas.shape}, ModelService(eng).model_shape(), 0)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+L.localize(eng, L.resolve_canvas(eng, canvas, params), params, lambda p, m: None)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base, est)
+"""
+
+
+def test_the_peak_memory_estimate_bounds_the_measured_peak():
+    """A localize run in a fresh process: its peak RSS growth stays under the estimate that admits it."""
+    done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, "768", "768"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    measured, estimate = map(int, done.stdout.split()[-2:])
+    assert measured > 100 << 20  # the crops did cost memory: the comparison means something
+    assert measured <= estimate, (measured >> 20, estimate >> 20)
