@@ -13,6 +13,7 @@ import os
 import pkgutil
 import signal
 import sys
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from shared_protocol import ProtocolError
@@ -48,6 +49,10 @@ def add_client_args(p: argparse.ArgumentParser, timeout: float = 120.0) -> None:
     p.add_argument("--connect", default=DEFAULT_ADDRESS, help=f"backend address (default {DEFAULT_ADDRESS})")
     p.add_argument("--token", default=os.environ.get(TOKEN_ENV), help=f"access token (default ${TOKEN_ENV})")
     p.add_argument("--timeout", type=float, default=timeout, help="seconds to wait for each reply")
+    p.add_argument("--server-key", metavar="KEY", help="CURVE: the server's public key (its server.key file or "
+                   "40 Z85 characters)")
+    p.add_argument("--client-key", metavar="FILE", help="CURVE: this client's NAME.key_secret (its public key "
+                   "must be in the server's allow-list)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -58,7 +63,8 @@ def add_min_valid_arg(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def client_from_args(args: argparse.Namespace) -> Client:
-    return Client(args.connect, token=args.token, timeout=args.timeout, retries=1, name="backend-cli")
+    return Client(args.connect, token=args.token, timeout=args.timeout, retries=1, name="backend-cli",
+                  server_public_key=args.server_key, client_secret_file=args.client_key)
 
 
 # -- serve --------------------------------------------------------------------------------------------
@@ -74,20 +80,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
             token = f.read().strip()
     limits = Limits(max_array_bytes=args.max_array_mb << 20, max_total_bytes=(args.max_array_mb << 20) * 2)
     try:
-        # check the address before the (slow) model load
-        from shared_protocol.endpoints import is_loopback
-        if not is_loopback(args.bind) and not token:
-            raise ValueError(f"refusing to bind {args.bind} without an access token: pass --token or set "
-                             f"{TOKEN_ENV}, or bind tcp://127.0.0.1")
+        from .connections import raise_fd_limit
+        from .server import check_access
+        config = ServerConfig(bind=args.bind, token=token, limits=limits, max_queue=args.max_queue,
+                              max_queue_bytes=args.max_queue_mb << 20, max_connections=args.max_connections,
+                              idle_timeout_s=args.idle_timeout, curve_keys=args.curve_keys)
+        warning = check_access(config)  # the address and the keys before the (slow) model load
+        if args.curve_keys:
+            from .curve import load_server_keys
+            load_server_keys(args.curve_keys)
+        raise_fd_limit()
         loaded = load_model_from_args(args)
         adapters, adapter_info = load_adapters(args.adapter, loaded)
         engine = Engine(loaded, EngineConfig(batch_size=args.batch_size, precision=args.precision,
                                              cache_bytes=args.cache_mb << 20), adapters)
         if not adapters and engine.base_model is not loaded.model:
             loaded.model = engine.base_model  # nothing else needs the fp32 weights: free them
+        budget = args.memory_budget_mb << 20 if args.memory_budget_mb is not None else None
         server = Server(ModelService(engine, limits, max_canvas_pixels=args.max_canvas_pixels,
-                                     adapter_info=adapter_info),
-                        ServerConfig(bind=args.bind, token=token, limits=limits, max_queue=args.max_queue))
+                                     adapter_info=adapter_info, memory_budget=budget), config)
     except ProtocolError as exc:  # 'cannot start (REASON): ...' is what launchers (the plugin) read
         reason = exc.details.get("reason") or exc.code
         print(f"backend: cannot start ({reason}): {exc.message}", file=sys.stderr, flush=True)
@@ -112,6 +123,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"backend: WARNING: warm-up failed: {type(exc).__name__}: {exc}", flush=True)
     if loaded.random_weights:
         print("backend: WARNING: random weights, answers are meaningless", flush=True)
+    if warning:
+        print(f"backend: WARNING: {warning}", flush=True)
+    if args.curve_keys:
+        print(f"backend: CURVE on, {server.info()['server']['curve_clients']} allowed client key(s) in "
+              f"{args.curve_keys}", flush=True)
     print(f"backend: ready on {server.endpoint}", flush=True)
     server.serve_forever()
     return 0
@@ -249,7 +265,11 @@ def cmd_rank(args: argparse.Namespace) -> int:
 def cmd_localize(args: argparse.Namespace) -> int:
     import numpy as np
     from .files import GEOTIFF_SUFFIXES, atomic_write
+    from .files import refuse_special
     try:
+        for out in (args.out, args.polygons):  # before any work: never a device, FIFO or symlink
+            if out:
+                refuse_special(Path(out))
         img = _read_images([args.image])[0]
         georef = img.transform is not None and args.out and args.out.lower().endswith(GEOTIFF_SUFFIXES)
         if georef and img.crs is None:
@@ -311,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--bind", default=DEFAULT_ADDRESS, help="tcp://HOST:PORT or ipc://PATH (default loopback)")
     p.add_argument("--token", default=os.environ.get(TOKEN_ENV), help=f"access token (default ${TOKEN_ENV}); "
-                   "required for a non-loopback bind")
+                   "a non-loopback bind needs --curve-keys or a token")
     p.add_argument("--token-file", help="read the access token from this file")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=FILE",
                    help="serve a saved adapter under NAME (repeatable)")
@@ -322,6 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=0, help="images per batch (0: 256 on CUDA, 64 on CPU)")
     p.add_argument("--cache-mb", type=int, default=2048, help="embedding cache budget in MiB")
     p.add_argument("--max-queue", type=int, default=64, help="queued requests before 'busy'")
+    p.add_argument("--max-queue-mb", type=int, default=2048, help="bytes of queued requests before 'busy', MiB")
+    p.add_argument("--memory-budget-mb", type=int, default=None, help="a request whose estimated peak memory is "
+                   "over this is refused (too_large) before it starts (default: half the machine's memory)")
+    p.add_argument("--max-connections", type=int, default=1000, help="open connections; over it the one idle "
+                   "longest is closed")
+    p.add_argument("--idle-timeout", type=float, default=600.0, help="close a connection that sent nothing for "
+                   "this many seconds (0: never)")
+    p.add_argument("--curve-keys", metavar="DIR", help="CURVE encryption and client allow-list: DIR holds "
+                   "server.key_secret and clients/*.key (python -m backend keys)")
     p.add_argument("--max-array-mb", type=int, default=1024, help="largest array accepted, in MiB")
     p.add_argument("--max-canvas-pixels", type=int, default=DEFAULT_MAX_CANVAS_PIXELS,
                    help="largest canvas (height x width) accepted")

@@ -315,7 +315,7 @@ class Engine:
         return F.normalize(raw, dim=-1) if normalize else raw
 
     def class_embeddings(self, classnames: Sequence[str], templates: Sequence[str], ensemble: str = "georsclip",
-                         adapter: Optional[str] = None) -> torch.Tensor:
+                         adapter: Optional[str] = None, progress: Progress = _no_progress) -> torch.Tensor:
         """C x D class vectors by prompt ensembling (REFERENCE section 3), cached per class list.
 
         ``georsclip``: mean of the raw text embeddings over templates, then L2-normalise (GeoRSCLIP's
@@ -326,7 +326,8 @@ class Engine:
         if cached is not None:
             return cached
         rows = []
-        for name in classnames:
+        for i, name in enumerate(classnames):  # progress (and so a pending cancel) between classes
+            progress(i / max(len(classnames), 1), f"class prompts {i}/{len(classnames)}")
             prompts = expand(templates, normalize_classname(name))
             emb = self.encode_texts(prompts, adapter, normalize=(ensemble == "openclip"), use_cache=False)
             rows.append(F.normalize(emb.mean(dim=0), dim=-1))

@@ -4,11 +4,14 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
+
+from shared_protocol.ops import DEFAULT_MAX_CANVAS_PIXELS
 
 PathLike = Union[str, os.PathLike]
 GEOTIFF_SUFFIXES = (".tif", ".tiff")
@@ -44,16 +47,24 @@ def read_image(path: PathLike) -> Image:
         raise FileNotFoundError(f"{path}: no such file")
     if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"):
         from PIL import Image as PILImage
-        with PILImage.open(path) as im:
-            im = im.convert("RGB") if im.mode not in ("L", "RGB", "RGBA", "I;16") else im
-            arr = np.asarray(im)
+        try:
+            with PILImage.open(path) as im:
+                check_pixels(path, im.height, im.width, len(im.getbands()))  # from the header, before decoding
+                im = im.convert("RGB") if im.mode not in ("L", "RGB", "RGBA", "I;16") else im
+                arr = np.asarray(im)
+        except PILImage.DecompressionBombError as exc:
+            raise ValueError(f"{path}: refused, a decompression bomb ({exc})") from None
+        except (PILImage.UnidentifiedImageError, SyntaxError, EOFError) as exc:
+            raise ValueError(f"{path}: not a readable image ({exc})") from None
         if arr.dtype not in (np.uint8, np.uint16):
             arr = arr.astype(np.uint16)
         return Image(str(path), arr if arr.ndim == 3 else arr[:, :, None])
     import rasterio
     try:
         with rasterio.open(path) as ds:
-            data = ds.read(list(range(1, (3 if ds.count >= 3 else 1) + 1)))
+            bands = min(ds.count, 4) if ds.count != 2 else 1
+            check_pixels(path, ds.height, ds.width, bands)  # what the header declares, before reading
+            data = ds.read(list(range(1, bands + 1)))
             valid = _valid_pixels(ds)
             transform = list(ds.transform)[:6]
             crs = ds.crs.to_string() if ds.crs else None
@@ -98,6 +109,29 @@ def square_tile(image: Image, size: int) -> Tuple[np.ndarray, np.ndarray]:
     return tile, (mask != 0).astype(np.uint8)
 
 
+def check_pixels(path: PathLike, height: int, width: int, bands: int,
+                 max_pixels: int = DEFAULT_MAX_CANVAS_PIXELS) -> None:
+    """Refuse an image whose header declares more pixels than any request may carry (a 135-byte TIFF can
+    declare 40000 x 40000; a small PNG can inflate to gigabytes) before anything is decoded."""
+    if height * width > max_pixels:
+        raise ValueError(f"{path}: refused, it declares {width} x {height} pixels ({bands} band(s)), over the "
+                         f"limit of {max_pixels} pixels: a damaged file or a decompression bomb; cut it into parts")
+
+
+def refuse_special(path: Path) -> None:
+    """An output path must be absent or a regular file: never a device (``/dev/null``), FIFO, socket, directory
+    or symlink, which a rename would replace (as root: delete ``/dev/null``) or a write would follow."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise ValueError(f"{path} is a symbolic link: refusing to replace it; give the real path")
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path} exists and is not a regular file (a device, FIFO, socket or folder): "
+                         "refusing to replace it")
+
+
 def _create_sibling(path: Path) -> Tuple[int, Path]:
     """A new, hidden file beside ``path`` (O_EXCL), with the permissions ``open()`` would give it.
 
@@ -117,8 +151,10 @@ def _create_sibling(path: Path) -> Tuple[int, Path]:
 @contextlib.contextmanager
 def atomic_file(path: PathLike) -> Iterator[BinaryIO]:
     """A binary file to write ``path`` through: written to a temporary sibling, synced, then renamed over
-    ``path``, so that ``path`` is complete or absent (left as it was if the block raises)."""
+    ``path``, so that ``path`` is complete or absent (left as it was if the block raises). ``path`` must be
+    absent or a regular file (:func:`refuse_special`): a ``ValueError`` otherwise, before anything is written."""
     path = Path(path)
+    refuse_special(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _create_sibling(path)
     try:
@@ -126,6 +162,7 @@ def atomic_file(path: PathLike) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        refuse_special(path)  # again: it may have become one while the data was written
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

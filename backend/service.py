@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
-from shared_protocol import ErrorCode, Limits, ProtocolError, Reply
+from shared_protocol import ErrorCode, Limits, ProtocolError, Reply, Request
 from shared_protocol.defaults import MIN_VALID_SHARE
 from shared_protocol.framing import DEFAULT_LIMITS
 from shared_protocol.ops import DEFAULT_MAX_CANVAS_PIXELS
 
-from .engine import Engine, cpu_name
+from .budget import ModelShape, check_budget
+from .engine import WINDOW_PIXEL_BUDGET, Engine, cpu_name
 from .server import Job, Service
 from .tasks import classify as classify_task
 from .tasks import geo
@@ -27,6 +29,26 @@ from .tasks.templates import TEMPLATE_SETS
 log = logging.getLogger("backend.service")
 Handler = Callable[[Engine, Dict[str, Any], Dict[str, np.ndarray], Callable[[float, str], None]],
                    Tuple[Dict[str, Any], Dict[str, np.ndarray]]]
+
+
+def default_memory_budget() -> int:
+    """Half the machine's memory (at least 1 GiB): the default ``--memory-budget-mb``."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 << 30
+    return max(1 << 30, total // 2)
+
+
+def without_paths(meta: Dict[str, Any]) -> Dict[str, Any]:
+    """An adapter's description for a remote client: no file paths of this machine (the file, and the file
+    names of a method's settings shortened to their base names)."""
+    out = {k: v for k, v in meta.items() if k != "path"}
+    config = meta.get("config")
+    if isinstance(config, dict):
+        out["config"] = {k: (os.path.basename(v) if isinstance(v, str) and ("/" in v or os.sep in v) else v)
+                         for k, v in config.items()}
+    return out
 
 
 def uniform_image_warnings(arrays: Dict[str, np.ndarray], min_valid: float = MIN_VALID_SHARE) -> list:
@@ -62,9 +84,10 @@ class ModelService(Service):
 
     def __init__(self, engine: Engine, limits: Limits = DEFAULT_LIMITS,
                  max_canvas_pixels: int = DEFAULT_MAX_CANVAS_PIXELS,
-                 adapter_info: Optional[Dict[str, Dict[str, Any]]] = None):
+                 adapter_info: Optional[Dict[str, Dict[str, Any]]] = None, memory_budget: Optional[int] = None):
         self.engine = engine
         self.limits = limits
+        self.memory_budget = default_memory_budget() if memory_budget is None else int(memory_budget)
         self.max_canvas_pixels = max_canvas_pixels
         self.adapter_info = dict(adapter_info or {})
         self.handlers: Dict[str, Callable[[Job], Reply]] = {
@@ -74,7 +97,7 @@ class ModelService(Service):
             "localize": self._localize,
         }
 
-    def info(self) -> Dict[str, Any]:
+    def info(self, remote: bool = False) -> Dict[str, Any]:
         loaded = self.engine.loaded
         dev = loaded.device
         device = {"type": dev.type, "name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
@@ -82,7 +105,8 @@ class ModelService(Service):
                   "adapter_precision": self.engine.adapter_precision, "reason": loaded.extra.get("gpu_unused", "")}
         return {
             "model": loaded.describe(),
-            "adapters": [{"name": n, **meta} for n, meta in sorted(self.adapter_info.items())],
+            "adapters": [{"name": n, **(without_paths(meta) if remote else meta)}
+                         for n, meta in sorted(self.adapter_info.items())],
             "device": device,
             "capabilities": {
                 "operations": sorted(self.handlers),
@@ -92,6 +116,7 @@ class ModelService(Service):
                 "ensembles": ["georsclip", "openclip"],
                 "image_dtypes": ["uint8", "uint16"],
                 "max_canvas_pixels": self.max_canvas_pixels,
+                "memory_budget_bytes": self.memory_budget,
                 "localize_outputs": ["heatmaps", "geotiff", "polygons"],
             },
             "cache": self.engine.cache.stats(),
@@ -102,6 +127,15 @@ class ModelService(Service):
         if self.engine.loaded.random_weights:
             return ["the model has RANDOM weights (--random-weights): its answers are meaningless"]
         return []
+
+    def model_shape(self) -> ModelShape:
+        return ModelShape(self.engine.batch_size, int(self.engine.loaded.image_size[0]),
+                          int(self.engine.loaded.embed_dim or 512), WINDOW_PIXEL_BUDGET)
+
+    def admit(self, request: Request, canvas_hw: Optional[Tuple[int, int]] = None) -> None:
+        """``too_large`` before any work when the request's estimated peak memory is over the budget."""
+        shapes = {name: tuple(arr.shape) for name, arr in request.arrays.items()}
+        check_budget(request.op, request.params, shapes, self.model_shape(), self.memory_budget, canvas_hw)
 
     def handle(self, job: Job) -> Reply:
         request = job.request
@@ -141,6 +175,8 @@ class ModelService(Service):
         canvas = localize_task.resolve_canvas(self.engine, job.request.arrays.get("canvas"), params,
                                               job.request.arrays.get("canvas_mask"))
         h, w = canvas.height, canvas.width
+        if canvas.pixels is None:  # a canvas named by its id: its size is known only now
+            self.admit(job.request, (h, w))
         out_bytes = len(params["queries"]) * h * w * 4
         if out_bytes > self.limits.max_array_bytes:
             raise ProtocolError(ErrorCode.TOO_LARGE, f"{len(params['queries'])} heatmaps of {h} x {w} need "

@@ -12,6 +12,7 @@ from .settings import Settings
 def make_client(settings: Settings, *, timeout: Optional[float] = None, retries: Optional[int] = None) -> Client:
     """One client per task or thread (ZeroMQ sockets are not thread-safe)."""
     return Client(settings.address, token=settings.token or None,
+                  server_public_key=settings.server_key or None, client_secret_file=settings.client_key or None,
                   timeout=settings.timeout_s if timeout is None else timeout,
                   retries=settings.retries if retries is None else retries,
                   name=f"mapquery-qgis-plugin/{PROTOCOL_VERSION}")

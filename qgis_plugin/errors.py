@@ -28,6 +28,14 @@ _WITH_DETAIL = {ErrorCode.NOT_FOUND, ErrorCode.MODEL_ERROR, ErrorCode.BAD_PARAMS
                 ErrorCode.INTERNAL, ErrorCode.TOO_LARGE}
 
 
+_CURVE_REASONS = {  # the client's reasons for a failed CURVE handshake
+    "curve_key_refused": "The backend refused this client's CURVE key: add its public key to the backend's "
+                         "allow-list (python -m backend keys allow), or choose the right client key in the settings.",
+    "handshake_failed": "The secure handshake with the backend failed: check the server's public key in the "
+                        "MapQuery settings (the backend may also not use CURVE, or use it when no key is set).",
+}
+
+
 class PluginError(Exception):
     """A failure on the plugin side (capture, file writing) with a message meant for the user."""
 
@@ -39,6 +47,8 @@ def plain_message(exc: BaseException, action: Optional[str] = None) -> str:
         text = _PLAIN.get(exc.code, f"Backend error ({exc.code})")
         if exc.code in _WITH_DETAIL and exc.message:
             text = f"{text.rstrip('.')}: {exc.message}"
+        elif exc.code == ErrorCode.UNAUTHORIZED and exc.details.get("reason") in _CURVE_REASONS:
+            text = _CURVE_REASONS[exc.details["reason"]]
         return prefix + text
     if isinstance(exc, PluginError):
         return prefix + str(exc)

@@ -42,6 +42,8 @@ class Settings:
     mode: str = "start"  # "start": the plugin starts its own backend; "connect": use a running one
     address: str = DEFAULT_ADDRESS
     token: str = ""
+    server_key: str = ""  # CURVE: the backend's public key (its server.key file, or 40 Z85 characters)
+    client_key: str = ""  # CURVE: this client's NAME.key_secret file (allowed by the backend)
     timeout_s: float = 300.0
     retries: int = 1
     backend_python: str = field(default_factory=default_backend_python)

@@ -50,6 +50,12 @@ class SettingsDialog(QDialog):
         self.token = QLineEdit(settings.token)
         self.token.setEchoMode(QLineEdit.Password)
         self.token.setToolTip("Access token; needed by a backend on another machine")
+        self.server_key = QLineEdit(settings.server_key)
+        self.server_key.setToolTip("CURVE encryption: the backend's public key (its server.key file or the 40 "
+                                   "characters 'python -m backend keys list' prints); empty: no encryption")
+        self.client_key = QLineEdit(settings.client_key)
+        self.client_key.setToolTip("CURVE: this machine's NAME.key_secret ('python -m backend keys make DIR "
+                                   "--name NAME'); its NAME.key must be in the backend's allow-list")
         self.python = QLineEdit(settings.backend_python)
         self.backend_dir = QLineEdit(settings.backend_dir)
         self.backend_dir.setToolTip("Folder holding the 'backend' package (added to PYTHONPATH); empty when "
@@ -85,6 +91,8 @@ class SettingsDialog(QDialog):
         form.addRow("Backend", self.mode)
         form.addRow("Address", self.address)
         form.addRow("Access token", self.token)
+        form.addRow("Server public key", _with_browse(self.server_key, False, "Choose the server's public key"))
+        form.addRow("Client key", _with_browse(self.client_key, False, "Choose this client's .key_secret file"))
         form.addRow("Backend Python", _with_browse(self.python, False))
         form.addRow("Backend source folder", _with_browse(self.backend_dir, True))
         form.addRow("Model preset", self.model)
@@ -129,7 +137,8 @@ class SettingsDialog(QDialog):
 
     def settings(self) -> Settings:
         return Settings(mode=self.mode.currentData(), address=self.address.text().strip(),
-                        token=self.token.text().strip(), timeout_s=self.timeout.value(),
+                        token=self.token.text().strip(), server_key=self.server_key.text().strip(),
+                        client_key=self.client_key.text().strip(), timeout_s=self.timeout.value(),
                         retries=self.retries.value(), backend_python=self.python.text().strip(),
                         backend_dir=self.backend_dir.text().strip(), model=self.model.currentText().strip(),
                         checkpoint=self.checkpoint.text().strip(), extra_args=self.extra.text().strip(),

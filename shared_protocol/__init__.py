@@ -1,8 +1,9 @@
 """The message contract between the QGIS plugin and the backend (pure Python + numpy).
 
-``framing`` turns headers and arrays into frames and back, ``schema``/``ops`` describe each operation,
-``messages`` builds and checks requests and replies, ``errors`` holds the typed errors and ``client``
-(which needs pyzmq) is the reliable client used by the plugin and scripts.
+``framing`` turns headers and arrays into frames and back, ``schema``/``ops`` describe each operation (``crs``:
+the CRS forms accepted), ``messages`` builds and checks requests and replies, ``errors`` holds the typed errors,
+``curve`` reads CURVE key files and ``client`` (which needs pyzmq) is the reliable client used by the plugin
+and scripts.
 """
 from .errors import ErrorCode, ProtocolError
 from .framing import ALLOWED_DTYPES, DEFAULT_LIMITS, Limits

@@ -24,18 +24,22 @@ import hashlib
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .endpoints import DEFAULT_ADDRESS
 from .errors import ErrorCode, ProtocolError
+from .curve import client_keypair_for, load_public_key
 from .framing import DEFAULT_LIMITS, Limits
 from .messages import PROTOCOL_VERSION, Reply, Request, decode_reply, new_request_id
 from .ops import OPS
 
 ProgressCallback = Callable[[float, str], None]
+HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
 class CanvasIds:
@@ -85,8 +89,24 @@ class Client:
     def __init__(self, address: str = DEFAULT_ADDRESS, *, token: Optional[str] = None, timeout: float = 30.0,
                  retries: int = 2, heartbeat_interval: float = 1.0, heartbeat_liveness: int = 5,
                  limits: Limits = DEFAULT_LIMITS, context: Optional["zmq.Context"] = None,
-                 name: str = "shared_protocol-client", reuse_canvas: bool = True):
+                 name: str = "shared_protocol-client", reuse_canvas: bool = True,
+                 server_public_key: Optional[Union[str, bytes]] = None,
+                 client_secret_file: Optional[str] = None,
+                 client_keypair: Optional[Tuple[bytes, bytes]] = None):
+        """``server_public_key`` (40 Z85 characters or a ``.key`` file) turns CURVE on: the server's identity is
+        pinned and everything is encrypted; the client presents ``client_keypair`` (public, secret) or the one
+        in ``client_secret_file`` (``NAME.key_secret``), which the server's allow-list must hold."""
         self.address = address
+        self._curve: Optional[Tuple[bytes, bytes, bytes]] = None  # (server public, client public, secret)
+        if server_public_key:
+            try:
+                server = load_public_key(server_public_key)
+                public, secret = client_keypair or client_keypair_for(client_secret_file)
+            except ValueError as exc:
+                raise ProtocolError(ErrorCode.BAD_PARAMS, f"CURVE key: {exc}") from None
+            self._curve = (server, public, secret)
+        elif client_secret_file or client_keypair:
+            raise ProtocolError(ErrorCode.BAD_PARAMS, "a client key needs the server's public key too")
         self.reuse_canvas = reuse_canvas  # localize: send a canvas the server holds by its id
         self.token = token
         self.timeout = float(timeout)
@@ -98,6 +118,7 @@ class Client:
         self.name = name
         self._ctx = context or zmq.Context.instance()
         self._socket: Optional[zmq.Socket] = None
+        self._monitor: Optional[zmq.Socket] = None  # handshake failures: a clear error instead of silence
         self._lock = threading.Lock()
 
     # -- socket management -------------------------------------------------------------------------
@@ -106,11 +127,44 @@ class Client:
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
+            if self._curve is not None:
+                sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self._curve
+            self._monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
             sock.connect(self.address)
             self._socket = sock
         return self._socket
 
+    def _close_monitor(self) -> None:
+        if self._monitor is not None:
+            if self._socket is not None:
+                try:
+                    self._socket.disable_monitor()
+                except zmq.ZMQError:
+                    pass
+            self._monitor.close(linger=0)
+            self._monitor = None
+
+    def _check_handshake(self, req: Request) -> None:
+        """Raise ``unauthorized`` when the security handshake failed (the server refused the key, or speaks
+        another mechanism): waiting would only end in a timeout."""
+        while self._monitor is not None:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            kind = event["event"]
+            if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                raise ProtocolError(ErrorCode.UNAUTHORIZED, f"the backend at {self.address} refused this client's "
+                                    "CURVE key: it is not in the server's allow-list (python -m backend keys allow)",
+                                    request_id=req.id, address=self.address, reason="curve_key_refused")
+            if kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                hint = ("check the server's public key, or whether the backend uses CURVE at all"
+                        if self._curve is not None else "the backend uses CURVE: set its public key and a client key")
+                raise ProtocolError(ErrorCode.UNAUTHORIZED, f"the security handshake with {self.address} failed: "
+                                    f"{hint}", request_id=req.id, address=self.address, reason="handshake_failed")
+
     def _reset(self) -> None:
+        self._close_monitor()
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
@@ -119,6 +173,7 @@ class Client:
         """Give up on an attempt: ask the server to drop it (a slow server would otherwise finish it for no
         one, while working on the retry too), then close the socket."""
         if self._socket is not None and OPS[req.op].long_running:
+            self._close_monitor()
             try:
                 self._send_cancel(self._socket, req.id)
                 self._socket.close(linger=100)  # a moment to flush the cancel; a dead server never takes it
@@ -187,7 +242,10 @@ class Client:
         cancel_sent = False
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         while True:
+            self._check_handshake(req)
             now = time.monotonic()
             if cancel is not None and cancel.is_set() and not cancel_sent:
                 self._send_cancel(sock, req.id)
@@ -208,7 +266,7 @@ class Client:
                 next_beat = now + self.heartbeat_interval
             wait = max(0.0, min(deadline, next_beat) - now)
             wait = min(wait, 0.05) if cancel is not None else wait
-            if not poller.poll(int(wait * 1000) + 1):
+            if sock not in dict(poller.poll(int(wait * 1000) + 1)):
                 continue
             try:
                 reply = decode_reply(sock.recv_multipart(copy=False), self.limits)

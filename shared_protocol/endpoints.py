@@ -54,9 +54,10 @@ def needs_token(address: str) -> bool:
 
 
 def token_refusal(address: str) -> str:
-    """The message for a non-loopback bind without a token."""
-    return (f"refusing to bind {address} without an access token: a non-loopback address is reachable from the "
-            f"network. Pass --token (or set {TOKEN_ENV}), or bind tcp://{DEFAULT_HOST}")
+    """The message for a non-loopback bind with neither CURVE keys nor a token."""
+    return (f"refusing to bind {address} without access control: a non-loopback address is reachable from the "
+            f"network. Use --curve-keys DIR (encrypted, allow-listed clients), or pass --token (or set "
+            f"{TOKEN_ENV}) on a trusted network, or bind tcp://{DEFAULT_HOST}")
 
 
 def free_port(host: str = DEFAULT_HOST) -> int:

@@ -113,7 +113,13 @@ def encode(header: Mapping[str, Any], arrays: Optional[Mapping[str, Any]] = None
         buffers.append(memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else b"")
     head["arrays"] = descriptors
     text = json.dumps(head, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
-    return [text.encode("utf-8"), *buffers]
+    try:
+        return [text.encode("utf-8"), *buffers]
+    except UnicodeEncodeError:
+        where = unencodable_string(head) or "?"
+        raise ProtocolError(ErrorCode.BAD_PARAMS if where.startswith("params") else ErrorCode.BAD_HEADER,
+                            f"string at {where[:200]} is not valid Unicode (a lone surrogate)",
+                            where=where[:200]) from None
 
 
 def _frame_len(frame: Any) -> int:
@@ -148,7 +154,53 @@ def decode_header(frame: Any, limits: Limits = DEFAULT_LIMITS) -> Dict[str, Any]
         raise ProtocolError(ErrorCode.BAD_HEADER, f"header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError(ErrorCode.BAD_HEADER, "header must be a JSON object")
+    where = unencodable_string(header)
+    if where is not None:
+        code = ErrorCode.BAD_PARAMS if where.startswith("params") else ErrorCode.BAD_HEADER
+        rid, op = header.get("id"), header.get("op")  # still answered to the right request when readable
+        raise ProtocolError(code, f"header string at {where[:200]} is not valid Unicode (a lone surrogate escape "
+                            "such as \\ud800)", where=where[:200],
+                            request_id=rid if isinstance(rid, str) and _encodable(rid) and len(rid) <= 64 else None,
+                            op=op if isinstance(op, str) and _encodable(op) and len(op) <= 64 else None)
     return header
+
+
+def unencodable_string(value: Any) -> Optional[str]:
+    """Where the first string that cannot be encoded as UTF-8 (a lone surrogate: legal JSON escapes, yet not
+    Unicode text) sits in a parsed JSON value, as a path such as ``params.classes[3]``; None when all are fine.
+
+    Iterative (a deep value cannot exhaust the stack); JSON keys are checked like values.
+    """
+    stack: List[Tuple[Any, Any]] = [((), value)]  # (path as a linked (parent, segment) pair, value)
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if not _encodable(item):
+                return _render(path)
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                if not _encodable(key):
+                    return _render((path, "<key>"))
+                stack.append(((path, key), sub))
+        elif isinstance(item, list):
+            stack.extend(((path, i), sub) for i, sub in enumerate(item))
+    return None
+
+
+def _render(path: Any) -> str:
+    parts: List[str] = []
+    while path:
+        path, segment = path
+        parts.append(f"[{segment}]" if isinstance(segment, int) else f".{segment}")
+    return "".join(reversed(parts)).lstrip(".") or "."
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _reject_constant(name: str) -> Any:

@@ -21,13 +21,14 @@ kept window is ``bad_params`` with ``details.reason = "no_valid_pixels"``. A ``c
 and the mask together.
 
 ``transform`` is an affine in rasterio order ``[a, b, c, d, e, f]`` with
-``x = a*col + b*row + c`` and ``y = d*col + e*row + f`` (pixel corners), ``crs`` is any string rasterio
-understands (``EPSG:32618``, WKT).
+``x = a*col + b*row + c`` and ``y = d*col + e*row + f`` (pixel corners), ``crs`` an authority code
+(``EPSG:32618``), WKT or PROJJSON (see :mod:`shared_protocol.crs`: never a PROJ string or anything naming a file).
 """
 from __future__ import annotations
 
 from typing import Dict, Optional
 
+from .crs import crs_problem
 from .defaults import DEFAULT_CROP_SIZE, DEFAULT_SMOOTH, DEFAULT_WINDOW_SIZES, MIN_VALID_SHARE
 from .schema import ArraySpec, OpSpec, Param
 
@@ -60,16 +61,26 @@ def _texts(value) -> Optional[str]:
     return f"entries must be non-blank and at most {MAX_TEXT} characters"
 
 
-def _pair(value) -> Optional[str]:
+MAX_PIXEL_VALUE = 2.0 ** 32  # value_range ends: the images are 8- or 16-bit
+MIN_VALUE_SPAN = 1e-3  # a narrower value_range would turn every pixel into 0 or 1 (or overflow)
+MAX_COORDINATE = 1e12  # transform entries: far beyond any planet's coordinates, far below float overflow
+
+
+def _value_range(value) -> Optional[str]:
     if len(value) != 2 or value[0] >= value[1]:
         return "must be [low, high] with low < high"
+    if max(abs(value[0]), abs(value[1])) > MAX_PIXEL_VALUE or value[1] - value[0] < MIN_VALUE_SPAN:
+        return f"must lie within +-{MAX_PIXEL_VALUE:.0f} and span at least {MIN_VALUE_SPAN}"
     return None
 
 
 def _six(value) -> Optional[str]:
     if len(value) != 6:
         return "must hold 6 numbers [a, b, c, d, e, f]"
-    if value[0] * value[4] - value[1] * value[3] == 0:
+    if max(abs(v) for v in value) > MAX_COORDINATE:
+        return f"has an entry beyond +-{MAX_COORDINATE:g}"
+    det = value[0] * value[4] - value[1] * value[3]
+    if det == 0 or abs(det) < 1e-18:
         return "is not invertible"
     return None
 
@@ -84,7 +95,7 @@ def _odd_or_zero(value) -> Optional[str]:
 
 ADAPTER = Param("adapter", "str", nullable=True, max_len=200,
                 doc="name of a loaded adapter (see info.adapters); null = the base model")
-VALUE_RANGE = Param("value_range", "float_list", nullable=True, check=_pair,
+VALUE_RANGE = Param("value_range", "float_list", nullable=True, check=_value_range,
                     doc="[low, high] input values mapped to 0 and 1 (uint16 images)")
 MIN_VALID = Param("min_valid", "float", default=MIN_VALID_SHARE, min=0.0, max=1.0,
                   doc="tiles, images and windows with a smaller share of valid pixels are skipped")
@@ -152,7 +163,8 @@ LOCALIZE = OpSpec(
               doc="median-filter kernel in canvas pixels (0: off)"),
         Param("normalize", "bool", default=True, doc="min-max normalise each heatmap to [0, 1]"),
         Param("transform", "float_list", nullable=True, check=_six, doc="canvas affine, rasterio order"),
-        Param("crs", "str", nullable=True, max_len=20000, doc="canvas CRS (EPSG code or WKT)"),
+        Param("crs", "str", nullable=True, max_len=20000, check=crs_problem,
+              doc="canvas CRS: an authority code (EPSG:32618), WKT or PROJJSON; no PROJ strings, no files"),
         Param("geotiff", "bool", default=False, doc="also return each heatmap as GeoTIFF bytes"),
         Param("polygons", "bool", default=False, doc="also return regions above threshold as GeoJSON"),
         Param("threshold", "float", default=0.5, min=0.0, max=1.0, doc="polygon threshold on the heatmap"),

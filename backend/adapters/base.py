@@ -245,6 +245,31 @@ def check_base(header: Dict[str, Any], loaded, path: PathLike = "") -> None:
                     base.get("name"), loaded.name, loaded.arch)
 
 
+def check_config_sizes(config: Any, loaded, path: PathLike = "") -> None:
+    """Refuse, before anything is allocated, a header whose sizes the base model cannot have made: every integer
+    setting (a rank, a bottleneck, a context or prompt length, a depth) at most the base model's widest width,
+    every layer index inside its depth. A header claiming LoRA ``r = 20,000,000`` would otherwise allocate
+    until the OOM killer came."""
+    if not isinstance(config, dict):
+        raise AdapterError(f"adapter {path}: its config is not an object", reason="bad_adapter")
+    sig = base_signature(loaded.model)
+    widest = max([v for k, v in sig.items() if k.endswith("_width")] + [int(loaded.embed_dim or 0), 1])
+    deepest = max([v for k, v in sig.items() if k.endswith("_layers")] + [1])
+    for key, value in config.items():
+        if "seed" in key:
+            continue  # a random seed is no size
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if type(item) is not int:
+                continue
+            limit = deepest - 1 if isinstance(value, list) else widest
+            if item < 0 or item > limit:
+                what = "a layer index" if isinstance(value, list) else "a size"
+                raise AdapterError(f"adapter {path}: {key} = {item} is not {what} the base model can have (at "
+                                   f"most {limit}: widths up to {widest}, {deepest} layers); refusing to load it",
+                                   reason="bad_adapter", setting=key)
+
+
 def load_adapter(path: PathLike, base_loaded_model, for_inference: bool = True) -> AdaptedModel:
     """Rebuild the adapted model from a file on ``base_loaded_model`` (a ``LoadedModel``; left unchanged).
 
@@ -255,6 +280,7 @@ def load_adapter(path: PathLike, base_loaded_model, for_inference: bool = True) 
     header = obj["header"]
     check_base(header, base_loaded_model, path)
     spec = get_method(header["method"])
+    check_config_sizes(header.get("config", {}), base_loaded_model, path)
     config = spec.config_cls.from_dict(header.get("config", {}))
     adapted = spec.build(base_loaded_model, config)
     adapted.load_adapter_state(obj["tensors"])

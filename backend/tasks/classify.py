@@ -34,7 +34,8 @@ def check_classes(classes: Sequence[str]) -> List[str]:
     return list(classes)
 
 
-def class_vectors(engine: Engine, classes: Sequence[str], params: Dict[str, Any]) -> torch.Tensor:
+def class_vectors(engine: Engine, classes: Sequence[str], params: Dict[str, Any],
+                  progress: Optional[Progress] = None) -> torch.Tensor:
     """C x D class embeddings: a prompt learner's own (CoOp), else prompt ensembling over templates."""
     adapter = params.get("adapter")
     learned = getattr(engine.model_for(adapter), "class_embeddings", None)
@@ -44,7 +45,9 @@ def class_vectors(engine: Engine, classes: Sequence[str], params: Dict[str, Any]
         if vecs is not None:
             return F.normalize(vecs.float(), dim=-1)
     templates = params.get("custom_templates") or get_templates(params.get("templates") or "georsclip")
-    return engine.class_embeddings(classes, templates, params.get("ensemble", "georsclip"), adapter)
+    if progress is None:
+        return engine.class_embeddings(classes, templates, params.get("ensemble", "georsclip"), adapter)
+    return engine.class_embeddings(classes, templates, params.get("ensemble", "georsclip"), adapter, progress)
 
 
 def probabilities(image_feats: torch.Tensor, class_feats: torch.Tensor) -> torch.Tensor:
@@ -125,7 +128,8 @@ def classify(engine: Engine, params: Dict[str, Any], arrays: Dict[str, np.ndarra
             key = ("grid", adapter, scale, content_key(canvas), content_key(tiles))
             feats = engine.cache.get_or_compute(key, lambda: engine.encode_windows(
                 canvas, tiles, None, adapter, scale, lambda p, m: progress(0.9 * p, m)))
-        probs_t = probabilities(feats, class_vectors(engine, classes, params))
+        probs_t = probabilities(feats, class_vectors(engine, classes, params,
+                                                     lambda p, m: progress(0.9 + 0.09 * p, m)))
     probs = np.full((len(keep) + len(skip), len(classes)), np.nan, dtype=np.float32)
     probs[keep] = probs_t.float().cpu().numpy()
     k = min(params.get("top_k", 5), len(classes))

@@ -11,13 +11,23 @@ from rasterio.transform import Affine
 from shapely.geometry import mapping, shape
 
 from shared_protocol import ErrorCode, ProtocolError
+from shared_protocol.crs import crs_form
 
 
 def parse_crs(crs: Optional[str]) -> Optional[CRS]:
+    """A CRS from an authority code, WKT or PROJJSON, each through its own parser: never
+    ``from_user_input``/``from_string``, which hand PROJ strings (``+init=FILE``) and file names to PROJ."""
     if not crs:
         return None
     try:
-        return CRS.from_user_input(crs)
+        form, text = crs_form(crs)
+        if form == "authority":
+            authority, code = text.split(":", 1)
+            return CRS.from_authority(authority.upper(), code)
+        if form == "projjson":
+            import pyproj
+            return CRS.from_wkt(pyproj.CRS.from_json(text).to_wkt())
+        return CRS.from_wkt(text)
     except Exception as exc:
         raise ProtocolError(ErrorCode.BAD_PARAMS, f"cannot understand crs {crs[:80]!r}: {exc}",
                             {"param": "crs"}) from None

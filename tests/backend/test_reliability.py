@@ -18,3 +18,18 @@ def test_kill_9_during_localize(tmp_path):
 def test_concurrent_clients_get_their_own_answers():
     report = reliability.load(clients=4, requests=10)
     assert report["replies"] == 40 and report["mismatched_or_failed"] == 0, report["problems"]
+
+
+@pytest.mark.slow
+def test_issue_11_attack_parts_run_small():
+    from backend.process import start_server
+    server = start_server(reliability.ATTACK_ARGS)
+    try:
+        rows = reliability.attacks(server)
+        assert all(r["code"] == r["expected"] and r["worker_alive"] for r in rows), rows
+        idle = reliability.idle_connections(100, server, hold_s=1.0)
+        assert idle["connections_opened"] == 100 and idle["newcomer_ping_ms"] is not None
+        big = reliability.big_message(192, server)
+        assert all(r["hung_up"] for r in big["shapes"].values()) and big["ping_ms"] is not None
+    finally:
+        server.stop()

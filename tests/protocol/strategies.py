@@ -41,6 +41,9 @@ SPECIAL = {
     "target": st.text(alphabet=string.hexdigits, min_size=1, max_size=32),
     "canvas_id": st.text(alphabet="0123456789abcdef", min_size=1, max_size=64),
     "protocol": st.just(1),
+    "crs": st.sampled_from(["EPSG:32618", "EPSG:4326", "OGC:CRS84",
+                            'GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID["WGS 84",6378137,298.257223563]],'
+                            'PRIMEM["Greenwich",0],UNIT["degree",0.0174532925199433]]']),
 }
 
 

@@ -18,7 +18,7 @@ class SlowService(Service):
         self.started = threading.Event()
         self.handled = []
 
-    def info(self):
+    def info(self, remote=False):
         return {"model": {"name": "stub"}, "device": {"type": "none"}, "adapters": []}
 
     def handle(self, job: Job) -> Reply:
@@ -53,7 +53,7 @@ class CanvasService(Service):
         self.held = {}
         self.sent = []  # per request: whether the canvas came with it
 
-    def info(self):
+    def info(self, remote=False):
         return {"model": {"name": "stub"}, "device": {"type": "none"}, "adapters": []}
 
     def forget(self):
