@@ -53,6 +53,7 @@ def _model(args):
 
 def run_zeroshot(args: argparse.Namespace) -> int:
     from shared_protocol import ProtocolError
+    from backend.errors import BackendError
     from backend.evaluation.zeroshot import evaluate_zeroshot
     from backend.training.data import DataError, ImageLoader, list_image_folder
     try:
@@ -61,7 +62,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
         loaded, model = _model(args)
         res = evaluate_zeroshot(model, loaded.tokenizer, samples, classes, ImageLoader(loaded, cache=False).batch,
                                 args.templates, args.ensemble, args.batch_size)
-    except ProtocolError as exc:
+    except (BackendError, ProtocolError) as exc:
         return fail(exc.message)
     except (DataError, ValueError, OSError) as exc:
         return fail(str(exc))
@@ -73,6 +74,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
 
 def run_retrieval(args: argparse.Namespace) -> int:
     from shared_protocol import ProtocolError
+    from backend.errors import BackendError
     from backend.evaluation.retrieval import evaluate_retrieval
     from backend.training.data import DataError, ImageLoader, read_captions
     try:
@@ -83,7 +85,7 @@ def run_retrieval(args: argparse.Namespace) -> int:
             raise DataError(f"{args.data}: no images in split {args.split!r}")
         loaded, model = _model(args)
         res = evaluate_retrieval(model, loaded.tokenizer, items, ImageLoader(loaded, cache=False).batch, args.batch_size)
-    except ProtocolError as exc:
+    except (BackendError, ProtocolError) as exc:
         return fail(exc.message)
     except (DataError, ValueError, OSError) as exc:
         return fail(str(exc))

@@ -59,6 +59,7 @@ def load_data(args: argparse.Namespace, shots: int):
 
 def run(args: argparse.Namespace) -> int:
     from shared_protocol import ProtocolError
+    from backend.errors import BackendError
     from backend.adapters import get_method
     from backend.training.data import DataError
     from backend.training.trainer import TrainConfig, Trainer
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                           progress=not args.no_progress, method_config=mcfg)
         trainer = Trainer(loaded, cfg, data)
         result = trainer.run()
-    except ProtocolError as exc:
+    except (BackendError, ProtocolError) as exc:
         return fail(exc.message)
     except (DataError, ValueError, OSError) as exc:
         return fail(str(exc))

@@ -18,8 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import open_clip
 import torch
 
-from shared_protocol import ErrorCode, ProtocolError
-
+from ..errors import ModelLoadError
 from .presets import CONFIG_DIR, DEFAULT_PRESET, Preset, get_preset
 
 log = logging.getLogger("backend.models")
@@ -29,11 +28,6 @@ _registered_dirs: set = set()
 
 def weights_dir() -> Path:
     return Path(os.environ.get("MAPQUERY_WEIGHTS", Path.home() / ".cache" / "mapquery-rs" / "weights"))
-
-
-class ModelLoadError(ProtocolError):
-    def __init__(self, message: str, **details: Any):
-        super().__init__(ErrorCode.MODEL_ERROR, message, details)
 
 
 @dataclass

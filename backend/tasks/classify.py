@@ -9,13 +9,12 @@ import torch.nn.functional as F
 
 from shared_protocol import ErrorCode, ProtocolError
 
+from .. import zeroshot
 from ..cache import content_key
 from ..engine import Engine, Progress
 from ..models.preprocess import preprocess_batch, value_scale
 from .templates import get_templates, normalize_classname
 from .windows import grid_cells
-
-LOGIT_SCALE = 100.0
 
 
 def check_classes(classes: Sequence[str]) -> List[str]:
@@ -33,25 +32,19 @@ def check_classes(classes: Sequence[str]) -> List[str]:
 
 
 def class_vectors(engine: Engine, classes: Sequence[str], params: Dict[str, Any]) -> torch.Tensor:
-    """C x D class embeddings: a prompt learner's own (CoOp), else prompt ensembling over templates."""
+    """C x D class features (``backend.zeroshot``'s rule), cached per class list, templates and adapter."""
     adapter = params.get("adapter")
-    learned = getattr(engine.model_for(adapter), "class_embeddings", None)
-    if learned is not None:
+    custom = tuple(params.get("custom_templates") or ())
+    named = params.get("templates") or "georsclip"
+    ensemble = params.get("ensemble", "georsclip")
+
+    def compute() -> torch.Tensor:
+        templates = list(custom) or get_templates(named)  # resolved only when templates are used
         with torch.inference_mode(), engine.autocast():
-            vecs = learned(list(classes))
-        if vecs is not None:
-            return F.normalize(vecs.float(), dim=-1)
-    templates = params.get("custom_templates") or get_templates(params.get("templates") or "georsclip")
-    return engine.class_embeddings(classes, templates, params.get("ensemble", "georsclip"), adapter)
-
-
-def probabilities(image_feats: torch.Tensor, class_feats: torch.Tensor) -> torch.Tensor:
-    """softmax(100 * cosine) over classes; both inputs L2-normalised."""
-    if class_feats.ndim == 3:  # per-image class features
-        logits = LOGIT_SCALE * torch.einsum("nd,ncd->nc", image_feats, class_feats)
-    else:
-        logits = LOGIT_SCALE * image_feats @ class_feats.T
-    return logits.softmax(dim=-1)
+            return zeroshot.class_features(engine.model_for(adapter), classes, lambda prompts: engine.encode_texts(
+                prompts, adapter, normalize=False, use_cache=False), templates, ensemble)
+    key = ("classes", adapter, ensemble, custom or named, tuple(classes))
+    return engine.cache.get_or_compute(key, compute)
 
 
 def tiles_from_request(params: Dict[str, Any], arrays: Dict[str, np.ndarray]
@@ -82,8 +75,7 @@ def conditioned_probabilities(engine: Engine, classes: Sequence[str], tiles: np.
         x = preprocess_batch(tiles[start:start + engine.batch_size], engine.loaded, scale=scale)
         with torch.inference_mode(), engine.autocast():
             img = F.normalize(model.encode_image(x).float(), dim=-1)
-            txt = F.normalize(model.class_embeddings(list(classes), x).float(), dim=-1)
-        out.append(probabilities(img, txt))
+            out.append(zeroshot.probabilities(img, zeroshot.learned_class_features(model, classes, x)))
     return torch.cat(out)
 
 
@@ -92,7 +84,7 @@ def classify(engine: Engine, params: Dict[str, Any], arrays: Dict[str, np.ndarra
     classes = check_classes(params["classes"])
     tiles, cells, canvas = tiles_from_request(params, arrays)
     adapter = params.get("adapter")
-    if getattr(engine.model_for(adapter), "image_conditioned", False):
+    if zeroshot.is_image_conditioned(engine.model_for(adapter)):
         source = tiles if canvas is None else np.stack([canvas[y0:y1, x0:x1] for x0, y0, x1, y1 in tiles])
         scale = value_scale(source if canvas is None else canvas[None], params.get("value_range"))
         probs_t = conditioned_probabilities(engine, classes, source, scale, adapter,
@@ -106,7 +98,7 @@ def classify(engine: Engine, params: Dict[str, Any], arrays: Dict[str, np.ndarra
             key = ("grid", adapter, scale, content_key(canvas), content_key(tiles))
             feats = engine.cache.get_or_compute(key, lambda: engine.encode_windows(
                 canvas, tiles, None, adapter, scale, lambda p, m: progress(0.9 * p, m)))
-        probs_t = probabilities(feats, class_vectors(engine, classes, params))
+        probs_t = zeroshot.probabilities(feats, class_vectors(engine, classes, params))
     probs = probs_t.cpu().numpy().astype(np.float32)
     k = min(params.get("top_k", 5), len(classes))
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]

@@ -17,12 +17,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from backend.errors import DataError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 PathLike = Union[str, Path]
-
-
-class DataError(ValueError):
-    """A dataset that cannot be read as asked."""
 
 
 @dataclass
