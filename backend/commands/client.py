@@ -10,6 +10,7 @@ import sys
 from typing import Any, Dict, List, Sequence
 
 from shared_protocol import ProtocolError
+from shared_protocol.ops import SELO_MODES
 
 from ._common import add_client_args, client_from_args
 
@@ -45,6 +46,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--window-sizes", type=int, nargs="+", default=[256, 512, 768])
     p.add_argument("--smooth", type=int, default=251, help="median kernel in pixels, odd (0: off)")
+    p.add_argument("--selo-mode", choices=SELO_MODES, default="fast",
+                   help="fast (default) or reference: the original SeLo pipeline step by step (slow; see README)")
     p.add_argument("image", metavar="IMAGE")
     p.set_defaults(func=run_localize)
 
@@ -160,6 +163,7 @@ def run_localize(args: argparse.Namespace) -> int:
             print(f"warning: {img.path} has no CRS: the heatmap keeps its pixel grid but no CRS", file=sys.stderr)
         with client_from_args(args) as client:
             reply = client.localize(img.pixels, [args.query], window_sizes=args.window_sizes, smooth=args.smooth,
+                                    selo_mode=args.selo_mode,
                                     transform=img.transform, crs=img.crs, geotiff=bool(georef),
                                     polygons=bool(args.polygons), threshold=args.threshold,
                                     on_progress=None if args.json else _print_progress)

@@ -31,6 +31,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--annotations", required=True, help="AIR-SLT annotations JSON")
     s.add_argument("--image", required=True, help="the annotated image's file name (jpg_name)")
     s.add_argument("--caption", help="the query (text or 0-based index) when the image has several")
+    s.add_argument("--reference-jpeg", action="store_true",
+                   help="measure the map as the original does: uint8(255 p) written as an OpenCV JPEG (quality 95) "
+                        "and read back as grey / 255")
     s.add_argument("--json", action="store_true", help="print one JSON object (last line)")
     s.set_defaults(func=run_selo)
     return p
@@ -98,9 +101,11 @@ def run_retrieval(args: argparse.Namespace) -> int:
 
 
 def run_selo(args: argparse.Namespace) -> int:
-    from backend.evaluation.selo import read_annotations, read_heatmap, selo_metrics
+    from backend.evaluation.selo import jpeg_round_trip, read_annotations, read_heatmap, selo_metrics
     try:
         prob = read_heatmap(args.heatmap)
+        if args.reference_jpeg:
+            prob = jpeg_round_trip(prob)
         caption, regions = read_annotations(args.annotations, args.image, args.caption)
         res = selo_metrics(prob, regions)
     except (ValueError, OSError, KeyError) as exc:
@@ -108,5 +113,6 @@ def run_selo(args: argparse.Namespace) -> int:
     lines = [f"{Path(args.image).name}: {caption!r} ({len(regions)} regions, {len(res['centres'])} attention centres)",
              f"Rsu {res['rsu']:.4f} (higher is better)", f"Ras {res['ras']:.4f} (lower is better)",
              f"Rda {res['rda']:.4f} (higher is better)", f"Rmi {res['rmi']:.4f} (higher is better)"]
-    emit(args, lines, {"task": "selo", "image": args.image, "caption": caption, **res})
+    emit(args, lines, {"task": "selo", "image": args.image, "caption": caption, "reference_jpeg": args.reference_jpeg,
+                       **res})
     return 0

@@ -37,7 +37,7 @@ class ReferenceSLM:
 
     def _get_prob_center_in_gray(self, prob):
         gray_img = np.asarray(prob * 255.0, dtype=np.uint8)
-        for i in range(self.ras_filter_times):
+        for _ in range(self.ras_filter_times):
             gray_img = cv2.boxFilter(gray_img, ddepth=-1, ksize=(50, 50))
         mx = maximum_filter(gray_img, size=1000)
         gray_img = np.where(mx == gray_img, gray_img, 0)
