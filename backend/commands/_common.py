@@ -53,7 +53,10 @@ def add_method_config_flags(p: argparse.ArgumentParser) -> None:
                    help="a method setting (repeatable), e.g. r=4, targets=attn,mlp, bottleneck=32, n_ctx=4; "
                         "see backend/adapters/METHOD/config.py")
     p.add_argument("--domain-model", help="GDPL: frozen domain model ('self', a preset/architecture, or timm:NAME)")
-    p.add_argument("--domain-checkpoint", metavar="FILE", help="GDPL: the domain model's weights")
+    p.add_argument("--domain-checkpoint", metavar="FILE", help="GDPL: the domain model's weights (an MAE's "
+                   "{'model': ...} file with --domain-model mae)")
+    p.add_argument("--variant", choices=("paper", "released"), help="GDPL: the paper's behaviour (default) or "
+                   "the released code's (README: GDPL, paper and released code)")
 
 
 def _convert(value: str, default: Any) -> Any:
@@ -96,6 +99,8 @@ def method_config(spec, args: argparse.Namespace) -> Dict[str, Any]:
             out["domain_model"] = args.domain_model
         if getattr(args, "domain_checkpoint", None):
             out["domain_checkpoint"] = args.domain_checkpoint
+        if getattr(args, "variant", None):
+            out["variant"] = args.variant
     return out
 
 
