@@ -55,8 +55,9 @@ def add_method_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--domain-model", help="GDPL: frozen domain model ('self', a preset/architecture, or timm:NAME)")
     p.add_argument("--domain-checkpoint", metavar="FILE", help="GDPL: the domain model's weights (an MAE's "
                    "{'model': ...} file with --domain-model mae)")
-    p.add_argument("--variant", choices=("paper", "released"), help="GDPL: the paper's behaviour (default) or "
-                   "the released code's (README: GDPL, paper and released code)")
+    p.add_argument("--variant", choices=("paper", "released", "satellite"), help="GDPL: paper (default) or "
+                   "released (the released code's behaviours); CoOp: satellite (default, 'a satellite image of a') "
+                   "or paper (16 random N(0, 0.02) context tokens, class token at the end)")
 
 
 def _convert(value: str, default: Any) -> Any:
@@ -99,8 +100,8 @@ def method_config(spec, args: argparse.Namespace) -> Dict[str, Any]:
             out["domain_model"] = args.domain_model
         if getattr(args, "domain_checkpoint", None):
             out["domain_checkpoint"] = args.domain_checkpoint
-        if getattr(args, "variant", None):
-            out["variant"] = args.variant
+    if spec.name in ("gdpl", "coop") and getattr(args, "variant", None):
+        out["variant"] = args.variant
     return out
 
 

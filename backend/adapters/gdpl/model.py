@@ -5,8 +5,9 @@ Per image: ``f_d`` from the frozen domain model; ``b = DomainBias(f_d)``; ``ctx'
 training)``; text context ``= QLinear(2W_t -> W_t)(concat(0, ctx'))``. Layer 0 of the image encoder gets
 ``Linear(W_t -> W_v)(ctx)`` appended after the patch tokens; in layers ``l = 1..depth-1`` the text stream's
 context slots are replaced by the deep prompt ``p_l`` and the image stream's prompt slots by
-``QLinear_l(2W_t -> W_v)(concat(0, p_l + b))`` (zeros first, as the released ``trainer/maple.py``). Attention layers ``0..lora_depth-1`` of both encoders get the
-coupled low-rank update. ``depth`` values are capped at the encoders' depth (9 in the paper).
+``QLinear_l(2W_t -> W_v)(concat(0, p_l + b))`` (zeros first, as the released ``trainer/maple.py``). Attention
+layers ``0..lora_depth-1`` of both encoders get the coupled low-rank update. ``depth`` values are capped at
+the encoders' depth (9 in the paper). ``variant="released"``: the released code's behaviours (config.py).
 """
 from __future__ import annotations
 
@@ -161,5 +162,5 @@ register(MethodSpec(
     description="GDPL: domain prompt learning with quaternion networks, hierarchical vision prompts and "
                 "coupled low-rank adaptation",
     defaults={"optimizer": "sgd", "lr": 0.0035, "weight_decay": 5e-4, "epochs": 15, "batch_size": 4,
-              "loss": "ce", "shots": 16},
+              "loss": "ce", "shots": 16, "schedule": "dassl", "augmentation": "dassl"},
 ))
