@@ -30,5 +30,9 @@ class UnknownAdapter(BackendError):
     """A request names an adapter the engine does not hold."""
 
 
+class ImageInputError(BackendError, ValueError):
+    """Pixels the models cannot take (dtype, shape, empty images)."""
+
+
 class DataError(BackendError, ValueError):
     """Training or evaluation data that cannot be read (missing files, unknown layout, bad encoding)."""

@@ -10,10 +10,10 @@ import torch
 
 from shared_protocol import ErrorCode, Limits, ProtocolError, Reply
 from shared_protocol.framing import DEFAULT_LIMITS
-from shared_protocol.ops import DEFAULT_MAX_CANVAS_PIXELS
+from shared_protocol.ops import DEFAULT_MAX_CANVAS_PIXELS, SELO_MODES
 
 from .engine import Engine
-from .errors import AdapterError, BackendError, DataError, ModelLoadError, UnknownAdapter
+from .errors import AdapterError, BackendError, DataError, ImageInputError, ModelLoadError, UnknownAdapter
 from .models.precision import cpu_name
 from .server import Job, Service
 from .tasks import classify as classify_task
@@ -28,7 +28,8 @@ log = logging.getLogger("backend.service")
 Handler = Callable[[Engine, Dict[str, Any], Dict[str, np.ndarray], Callable[[float, str], None]],
                    Tuple[Dict[str, Any], Dict[str, np.ndarray]]]
 _CODES = ((UnknownAdapter, ErrorCode.NOT_FOUND), (ModelLoadError, ErrorCode.MODEL_ERROR),
-          (AdapterError, ErrorCode.MODEL_ERROR), (DataError, ErrorCode.BAD_PARAMS))
+          (AdapterError, ErrorCode.MODEL_ERROR), (DataError, ErrorCode.BAD_PARAMS),
+          (ImageInputError, ErrorCode.BAD_ARRAY))
 
 
 def protocol_error(exc: Exception) -> ProtocolError:
@@ -92,6 +93,7 @@ class ModelService(Service):
                 "image_dtypes": ["uint8", "uint16"],
                 "max_canvas_pixels": self.max_canvas_pixels,
                 "localize_outputs": ["heatmaps", "geotiff", "polygons"],
+                "selo_modes": list(SELO_MODES),
             },
             "cache": self.engine.cache.stats(),
             "warnings": self.warnings(),

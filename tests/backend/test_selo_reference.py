@@ -127,3 +127,27 @@ def test_selo_mode_is_a_localize_parameter():
         == "reference"
     with pytest.raises(ProtocolError):
         validate_params(spec.params, {"queries": ["x"], "selo_mode": "exact"}, "localize")
+
+
+def test_reference_mode_through_the_service(engine):
+    """The op as served: a uint16 canvas, its canvas_id again (window scores cached), polygons, capabilities."""
+    from backend.server import Job
+    from backend.service import ModelService
+    from shared_protocol import Request
+    service = ModelService(engine)
+    assert service.info()["capabilities"]["selo_modes"] == ["fast", "reference"]
+    rng = np.random.default_rng(2)
+    canvas = (cv2.GaussianBlur(rng.random((160, 200, 3)), (0, 0), 6) * 4000).astype(np.uint16)
+    base = {"queries": ["a lake"], "window_sizes": [64, 96], "crop_size": 256, "smooth": 31, "normalize": True,
+            "selo_mode": "reference", "geotiff": False, "polygons": True, "threshold": 0.5, "transform": None,
+            "crs": None, "value_range": None, "adapter": None, "canvas_id": None}
+
+    def job(params, arrays):
+        return Job(Request("localize", "r", {**base, **params}, arrays), b"peer", lambda peer, reply: None)
+    first = service.handle(job({}, {"canvas": canvas}))
+    heat = first.arrays["heatmaps"][0]
+    assert heat.shape == (160, 200) and first.result["selo_mode"] == "reference"
+    assert np.allclose(heat * 255, np.rint(heat * 255), atol=1e-3)  # an 8-bit map / 255
+    again = service.handle(job({"canvas_id": first.result["canvas_id"]}, {}))
+    np.testing.assert_array_equal(again.arrays["heatmaps"], first.arrays["heatmaps"])
+    assert first.result["polygons"][0]["type"] == "FeatureCollection"
