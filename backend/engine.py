@@ -2,25 +2,23 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared_protocol import ErrorCode, ProtocolError
-
 from .cache import LRUCache, content_key
+from .errors import UnknownAdapter
 from .models.loading import LoadedModel
 from .models.preprocess import normalize as normalize_input
 from .models.preprocess import (preprocess_batch, resize_exact, resize_shortest_and_crop, to_device, unit_rgb,
                                 value_scale)
-from .tasks.templates import expand, normalize_classname
+from .models.precision import cast_copy, resolve_precision
+from .models.text_encoder import trimmed_text_encoder
 
 log = logging.getLogger("backend.engine")
 Progress = Callable[[float, str], None]
@@ -37,109 +35,6 @@ class EngineConfig:
     precision: str = "auto"  # auto, fp32, fp16 (CUDA only), bf16: see resolve_precision
     cache_bytes: int = 2 << 30  # embedding cache budget
     text_batch_size: int = 256
-
-
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def cpuinfo_field(keys: Sequence[str], cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
-    """The first processor's value of the first of ``keys`` in ``/proc/cpuinfo`` (Linux); None elsewhere."""
-    try:
-        text = Path(cpuinfo).read_text(errors="replace")
-    except OSError:
-        return None
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() in keys:
-            return value.strip()
-    return None
-
-
-def cpu_name() -> str:
-    """The CPU's model name ("AMD EPYC 9454 ..."), else what ``platform`` knows."""
-    import platform
-    return cpuinfo_field(("model name",)) or platform.processor() or platform.machine() or "cpu"
-
-
-def native_bf16_cpu(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16, AMX-BF16 or Arm BF16).
-
-    Only then is bf16 faster than fp32 on a CPU (2.6x for ViT-B-32 on an AVX512-BF16 EPYC); elsewhere bf16
-    is emulated and slower. Reads the first processor's flags (Linux); unknown elsewhere, which counts as no.
-    """
-    flags = cpuinfo_field(("flags", "Features"), cpuinfo) or ""
-    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags.split()))
-
-
-@dataclass(frozen=True)
-class Precision:
-    """How the engine runs a model: ``name`` as reported, CUDA ``autocast`` dtype, CPU ``weights`` dtype."""
-    name: str
-    autocast: Optional[torch.dtype] = None
-    weights: torch.dtype = torch.float32
-
-
-def resolve_precision(requested: str, device: torch.device, cpu_bf16: Optional[bool] = None) -> Precision:
-    """The precision to run with on ``device`` for ``--precision`` ``requested``.
-
-    CUDA: autocast to bf16 (fp16 where bf16 is not supported) for ``auto``, or as asked. CPU: autocast is
-    slower than fp32 there, so ``bf16`` casts the base model's weights instead; ``auto`` picks it where the
-    CPU has native bf16 (``native_bf16_cpu``), else fp32. ``fp32`` is exact everywhere.
-    """
-    if requested not in PRECISIONS:
-        raise ValueError(f"unknown precision {requested!r}; choose from {', '.join(PRECISIONS)}")
-    if requested == "fp32":
-        return Precision("fp32")
-    if device.type == "cuda":
-        if requested == "auto":
-            requested = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return Precision(requested, autocast=_DTYPES[requested])
-    if requested == "fp16":
-        raise ValueError("fp16 runs on CUDA only; on a CPU use bf16 (fast where the CPU has native bf16) or fp32")
-    if requested == "auto":
-        requested = "bf16" if (native_bf16_cpu() if cpu_bf16 is None else cpu_bf16) else "fp32"
-    return Precision(requested, weights=_DTYPES[requested])
-
-
-def cast_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """``model`` itself for fp32, else a copy whose float parameters and buffers are ``dtype`` (no grad).
-
-    The copy is made tensor by tensor, so the peak memory is the original plus the cast copy.
-    """
-    if dtype == torch.float32:
-        return model
-    memo: Dict[int, Any] = {}
-    for p in model.parameters():
-        memo[id(p)] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
-    for b in model.buffers():
-        memo[id(b)] = b.to(dtype) if b.is_floating_point() else b
-    return copy.deepcopy(model, memo).eval()
-
-
-def trimmed_text_encoder(model: torch.nn.Module) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
-    """An exact, faster ``encode_text`` for open_clip's ``CLIP`` with a causal mask and EOT pooling.
-
-    With a causal attention mask, the end-of-text token's output depends only on the tokens before it, so
-    the padding after the longest prompt of a batch can be dropped: a 6-word query runs over ~10 positions
-    instead of 77. Other models (custom text towers, other pooling, adapters) return ``None``.
-    """
-    from open_clip.model import CLIP
-    from open_clip.transformer import text_global_pool
-    if type(model) is not CLIP or getattr(model, "text_pool_type", None) != "argmax" or model.attn_mask is None:
-        return None
-
-    def encode(tokens: torch.Tensor) -> torch.Tensor:
-        n = int(tokens.argmax(dim=-1).max()) + 1  # the EOT token has the highest id
-        tokens = tokens[:, :n]
-        cast = model.transformer.get_cast_dtype()
-        x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:n].to(cast)
-        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
-        x = text_global_pool(x, tokens, "argmax")
-        return model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) \
-            else x @ model.text_projection
-
-    return encode
 
 
 class Engine:
@@ -183,8 +78,7 @@ class Engine:
         try:
             return self.adapters[adapter]
         except KeyError:
-            raise ProtocolError(ErrorCode.NOT_FOUND, f"no adapter named {adapter!r} is loaded",
-                                {"adapters": sorted(self.adapters)}) from None
+            raise UnknownAdapter(f"no adapter named {adapter!r} is loaded", adapters=sorted(self.adapters)) from None
 
     # -- images --------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -313,27 +207,3 @@ class Engine:
             return torch.zeros((0, self.loaded.embed_dim), device=self.device)
         raw = torch.stack([results[i] for i in range(len(texts))])
         return F.normalize(raw, dim=-1) if normalize else raw
-
-    def class_embeddings(self, classnames: Sequence[str], templates: Sequence[str], ensemble: str = "georsclip",
-                         adapter: Optional[str] = None, progress: Progress = _no_progress) -> torch.Tensor:
-        """C x D class vectors by prompt ensembling (REFERENCE section 3), cached per class list.
-
-        ``georsclip``: mean of the raw text embeddings over templates, then L2-normalise (GeoRSCLIP's
-        protocol, the default). ``openclip``: L2-normalise each embedding first (open_clip's classifier).
-        """
-        key = ("classes", adapter, ensemble, tuple(templates), tuple(classnames))
-        cached = self.cache.get(key)
-        if cached is not None:
-            return cached
-        rows = []
-        for i, name in enumerate(classnames):  # progress (and so a pending cancel) between classes
-            progress(i / max(len(classnames), 1), f"class prompts {i}/{len(classnames)}")
-            prompts = expand(templates, normalize_classname(name))
-            emb = self.encode_texts(prompts, adapter, normalize=(ensemble == "openclip"), use_cache=False)
-            rows.append(F.normalize(emb.mean(dim=0), dim=-1))
-        result = torch.stack(rows)
-        self.cache.put(key, result)
-        return result
-
-    def logit_scale(self) -> float:
-        return 100.0

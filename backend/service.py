@@ -12,10 +12,12 @@ import torch
 from shared_protocol import ErrorCode, Limits, ProtocolError, Reply, Request
 from shared_protocol.defaults import MIN_VALID_SHARE
 from shared_protocol.framing import DEFAULT_LIMITS
-from shared_protocol.ops import DEFAULT_MAX_CANVAS_PIXELS
+from shared_protocol.ops import DEFAULT_MAX_CANVAS_PIXELS, SELO_MODES
 
 from .budget import ModelShape, check_budget
-from .engine import WINDOW_PIXEL_BUDGET, Engine, cpu_name
+from .engine import WINDOW_PIXEL_BUDGET, Engine
+from .errors import AdapterError, BackendError, DataError, ImageInputError, ModelLoadError, UnknownAdapter
+from .models.precision import cpu_name
 from .server import Job, Service
 from .tasks import classify as classify_task
 from .tasks import geo
@@ -29,6 +31,19 @@ from .tasks.templates import TEMPLATE_SETS
 log = logging.getLogger("backend.service")
 Handler = Callable[[Engine, Dict[str, Any], Dict[str, np.ndarray], Callable[[float, str], None]],
                    Tuple[Dict[str, Any], Dict[str, np.ndarray]]]
+_CODES = ((UnknownAdapter, ErrorCode.NOT_FOUND), (ModelLoadError, ErrorCode.MODEL_ERROR),
+          (AdapterError, ErrorCode.MODEL_ERROR), (DataError, ErrorCode.BAD_PARAMS),
+          (ImageInputError, ErrorCode.BAD_ARRAY))
+
+
+def protocol_error(exc: Exception) -> ProtocolError:
+    """The protocol error a backend error is answered with (protocol errors pass through unchanged)."""
+    if isinstance(exc, ProtocolError):
+        return exc
+    code = next((c for cls, c in _CODES if isinstance(exc, cls)), ErrorCode.INTERNAL)
+    if isinstance(exc, BackendError):
+        return ProtocolError(code, exc.message, exc.details)
+    return ProtocolError(code, str(exc))
 
 
 def default_memory_budget() -> int:
@@ -118,6 +133,7 @@ class ModelService(Service):
                 "max_canvas_pixels": self.max_canvas_pixels,
                 "memory_budget_bytes": self.memory_budget,
                 "localize_outputs": ["heatmaps", "geotiff", "polygons"],
+                "selo_modes": list(SELO_MODES),
             },
             "cache": self.engine.cache.stats(),
             "warnings": self.warnings(),
@@ -154,7 +170,10 @@ class ModelService(Service):
             if arr.ndim >= 3 and (arr.shape[-2] == 0 or arr.shape[-3] == 0):
                 raise ProtocolError(ErrorCode.BAD_ARRAY, f"'{name}' has an empty image", {"name": name})
         started = time.perf_counter()
-        reply = handler(job)
+        try:
+            reply = handler(job)
+        except BackendError as exc:
+            raise protocol_error(exc) from exc
         reply.result["elapsed_s"] = round(time.perf_counter() - started, 4)
         reply.result["model"] = self.engine.loaded.name
         reply.result["adapter"] = request.params.get("adapter")

@@ -16,7 +16,7 @@ if str(ROOT) not in sys.path:
 
 def machine() -> str:
     import torch
-    from backend.engine import cpu_name
+    from backend.models.precision import cpu_name
     cpu = cpu_name()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}, "

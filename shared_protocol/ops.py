@@ -41,6 +41,7 @@ DEFAULT_MAX_CANVAS_PIXELS = 16384 * 16384
 # canvas origin: a client stitching canvases keeps their origins on multiples of that block (and of the
 # window strides) to get seamless maps
 SMOOTH_WORK_KERNEL = 15  # a backend's default limit on height x width (see info.capabilities)
+SELO_MODES = ("fast", "reference")  # localize's selo_mode: the fast default, or the original pipeline
 
 
 def mask_spec(image: ArraySpec) -> ArraySpec:
@@ -162,6 +163,10 @@ LOCALIZE = OpSpec(
         Param("smooth", "int", default=DEFAULT_SMOOTH, min=0, max=4001, check=_odd_or_zero,
               doc="median-filter kernel in canvas pixels (0: off)"),
         Param("normalize", "bool", default=True, doc="min-max normalise each heatmap to [0, 1]"),
+        Param("selo_mode", "str", default="fast", choices=SELO_MODES,
+              doc="'fast': exact window means on cells, block-median smoothing (the default); 'reference': the "
+                  "original pipeline step by step (OpenCV bicubic, JPEG round trip, PIL preprocessing, 8-bit "
+                  "map, cv2.medianBlur): slow, for measuring and reproducing published numbers"),
         Param("transform", "float_list", nullable=True, check=_six, doc="canvas affine, rasterio order"),
         Param("crs", "str", nullable=True, max_len=20000, check=crs_problem,
               doc="canvas CRS: an authority code (EPSG:32618), WKT or PROJJSON; no PROJ strings, no files"),

@@ -14,17 +14,10 @@ from open_clip.model import CLIP
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer, text_global_pool
 from torch import Tensor, nn
 
-from shared_protocol import ErrorCode, ProtocolError
+from ..errors import AdapterError
 
 BlockFn = Callable[[int, ResidualAttentionBlock, Tensor, Optional[Tensor]], Tensor]
 PreBlockFn = Callable[[int, Tensor], Tensor]
-
-
-class AdapterError(ProtocolError):
-    """An adapter that cannot be built, loaded or applied (wrong base model, bad file ...)."""
-
-    def __init__(self, message: str, **details):
-        super().__init__(ErrorCode.MODEL_ERROR, message, details)
 
 
 def check_vit_clip(model: nn.Module, method: str) -> None:

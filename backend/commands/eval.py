@@ -31,6 +31,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--annotations", required=True, help="AIR-SLT annotations JSON")
     s.add_argument("--image", required=True, help="the annotated image's file name (jpg_name)")
     s.add_argument("--caption", help="the query (text or 0-based index) when the image has several")
+    s.add_argument("--reference-jpeg", action="store_true",
+                   help="measure the map as the original does: uint8(255 p) written as an OpenCV JPEG (quality 95) "
+                        "and read back as grey / 255")
     s.add_argument("--json", action="store_true", help="print one JSON object (last line)")
     s.set_defaults(func=run_selo)
     return p
@@ -53,6 +56,7 @@ def _model(args):
 
 def run_zeroshot(args: argparse.Namespace) -> int:
     from shared_protocol import ProtocolError
+    from backend.errors import BackendError
     from backend.evaluation.zeroshot import evaluate_zeroshot
     from backend.training.data import DataError, ImageLoader, list_image_folder
     try:
@@ -61,7 +65,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
         loaded, model = _model(args)
         res = evaluate_zeroshot(model, loaded.tokenizer, samples, classes, ImageLoader(loaded, cache=False).batch,
                                 args.templates, args.ensemble, args.batch_size)
-    except ProtocolError as exc:
+    except (BackendError, ProtocolError) as exc:
         return fail(exc.message)
     except (DataError, ValueError, OSError) as exc:
         return fail(str(exc))
@@ -73,6 +77,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
 
 def run_retrieval(args: argparse.Namespace) -> int:
     from shared_protocol import ProtocolError
+    from backend.errors import BackendError
     from backend.evaluation.retrieval import evaluate_retrieval
     from backend.training.data import DataError, ImageLoader, read_captions
     try:
@@ -83,7 +88,7 @@ def run_retrieval(args: argparse.Namespace) -> int:
             raise DataError(f"{args.data}: no images in split {args.split!r}")
         loaded, model = _model(args)
         res = evaluate_retrieval(model, loaded.tokenizer, items, ImageLoader(loaded, cache=False).batch, args.batch_size)
-    except ProtocolError as exc:
+    except (BackendError, ProtocolError) as exc:
         return fail(exc.message)
     except (DataError, ValueError, OSError) as exc:
         return fail(str(exc))
@@ -96,9 +101,11 @@ def run_retrieval(args: argparse.Namespace) -> int:
 
 
 def run_selo(args: argparse.Namespace) -> int:
-    from backend.evaluation.selo import read_annotations, read_heatmap, selo_metrics
+    from backend.evaluation.selo import jpeg_round_trip, read_annotations, read_heatmap, selo_metrics
     try:
         prob = read_heatmap(args.heatmap)
+        if args.reference_jpeg:
+            prob = jpeg_round_trip(prob)
         caption, regions = read_annotations(args.annotations, args.image, args.caption)
         res = selo_metrics(prob, regions)
     except (ValueError, OSError, KeyError) as exc:
@@ -106,5 +113,6 @@ def run_selo(args: argparse.Namespace) -> int:
     lines = [f"{Path(args.image).name}: {caption!r} ({len(regions)} regions, {len(res['centres'])} attention centres)",
              f"Rsu {res['rsu']:.4f} (higher is better)", f"Ras {res['ras']:.4f} (lower is better)",
              f"Rda {res['rda']:.4f} (higher is better)", f"Rmi {res['rmi']:.4f} (higher is better)"]
-    emit(args, lines, {"task": "selo", "image": args.image, "caption": caption, **res})
+    emit(args, lines, {"task": "selo", "image": args.image, "caption": caption, "reference_jpeg": args.reference_jpeg,
+                       **res})
     return 0

@@ -18,6 +18,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from shared_protocol import ProtocolError
+    from backend.errors import BackendError
     from backend.adapters import count_parameters, get_method
     from backend.models import load_model
     try:
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
             trainable, total = count_parameters(adapted)
             rows = _breakdown(adapted)
             method = spec.name
-    except ProtocolError as exc:
+    except (BackendError, ProtocolError) as exc:
         return fail(exc.message)
     except (ValueError, TypeError) as exc:
         return fail(str(exc))

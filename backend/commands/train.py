@@ -28,7 +28,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--loss", choices=["infonce", "hmmc", "ce"])
     p.add_argument("--hmmc-weights", default="1,1,1", help="image-image, image-text, text-text (default 1,1,1)")
-    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--warmup-steps", type=int, default=0, help="schedule 'steps': linear warm-up steps")
+    p.add_argument("--schedule", choices=["steps", "dassl"], help="steps: cosine per step after --warmup-steps; "
+                   "dassl: --warmup-epochs at --warmup-lr, then cosine per epoch (default for gdpl and coop)")
+    p.add_argument("--warmup-epochs", type=int, default=1, help="schedule 'dassl': constant warm-up epochs")
+    p.add_argument("--warmup-lr", type=float, default=1e-5, help="schedule 'dassl': the warm-up learning rate")
+    p.add_argument("--augmentation", choices=["rs", "dassl"], help="rs: flips and quarter turns; dassl: random "
+                   "resized crop + flip (default for gdpl and coop)")
+    p.add_argument("--caption-sampling", choices=["all", "one"], default="all",
+                   help="retrieval: every caption once per epoch (all, GaLR/PE-RSITR) or one random caption per "
+                        "image (one)")
     p.add_argument("--max-steps-per-epoch", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -59,6 +68,7 @@ def load_data(args: argparse.Namespace, shots: int):
 
 def run(args: argparse.Namespace) -> int:
     from shared_protocol import ProtocolError
+    from backend.errors import BackendError
     from backend.adapters import get_method
     from backend.training.data import DataError
     from backend.training.trainer import TrainConfig, Trainer
@@ -71,13 +81,15 @@ def run(args: argparse.Namespace) -> int:
         cfg = TrainConfig(method=spec.name, out_dir=args.out, epochs=args.epochs, lr=args.lr,
                           batch_size=args.batch_size, optimizer=args.optimizer, weight_decay=args.weight_decay,
                           loss=args.loss, hmmc_weights=weights, warmup_steps=args.warmup_steps, seed=args.seed,
+                          schedule=args.schedule, warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
+                          augmentation=args.augmentation, caption_sampling=args.caption_sampling,
                           amp=not args.no_amp, augment=not args.no_augment, eval_templates=args.eval_templates,
                           max_steps_per_epoch=args.max_steps_per_epoch, resume=args.resume,
                           stop_after_epoch=args.stop_after_epoch,
                           progress=not args.no_progress, method_config=mcfg)
         trainer = Trainer(loaded, cfg, data)
         result = trainer.run()
-    except ProtocolError as exc:
+    except (BackendError, ProtocolError) as exc:
         return fail(exc.message)
     except (DataError, ValueError, OSError) as exc:
         return fail(str(exc))

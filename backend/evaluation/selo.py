@@ -1,26 +1,26 @@
 """Semantic-localization metrics Rsu, Ras, Rda, Rmi (REFERENCE section 5), and heatmap/annotation readers.
 
-Definitions (P: probability map in [0, 1], M: filled ground-truth polygons, H x W):
+Computed exactly as the original evaluation code (the ``SLM`` class of xiaoyuan1996/SemanticLocalizationMetrics
+``evaluations/SLM.py``, copied into RS5M ``inference/inference_tool.py``), with the same libraries where it
+matters (OpenCV ``fillPoly`` and ``boxFilter``, scipy ``maximum_filter``); a test compares it with a small
+transcription of that code on random cases. P: probability map in [0, 1], M: filled polygons, H x W:
 
-- region centre ``c`` = mean of its vertices, radius ``r`` = 1.5 x mean vertex-to-centre distance (floats);
+- region centre ``c`` = mean of its vertices truncated to integers (``int``); radius ``r`` = 1.5 x the mean
+  distance from the vertices to that integer centre, truncated to an integer;
+- M = ``cv2.fillPoly`` of all the regions' vertices cast to ``int32`` (boundary pixels included);
 - Rsu = 1 - exp(-0.707 * [sum(PM) / (sum(P) - sum(PM) + 1e-7)] * [(HW - sum(M)) / sum(M)]);
-- attention centres: ``g = uint8(255 P)`` (numpy's cast: truncation); a 50 x 50 box filter applied five
-  times; pixels equal to the 1000 x 1000 maximum filter (and > 0) kept; centroids of their 8-connected
-  components, truncated to integer pixels (x = column, y = row); those with P >= 0.5 kept, sorted by P
-  (descending, stable);
+- attention centres: ``g = uint8(255 P)`` (truncation); ``cv2.boxFilter`` 50 x 50 five times; pixels equal to
+  scipy's 1000 x 1000 ``maximum_filter`` (and > 0) kept; centroids of their 8-connected components, truncated
+  (x = column, y = row); those with P >= 0.5 kept, sorted by P (descending, stable);
 - Ras = (exp(3 mean(offset / r)) - 1) / (exp(3) - 1), offset = mean distance from c to the centres within r
   (r if none); no centre at all: the first region's radius is the only offset, so Ras = 1;
 - Rda = mean over regions of n if n <= 1 else 0.5 (1 - mean distance of the n centres to their mean / r)
   + exp(-0.5 (n + 2)), n = centres within r;
 - Rmi = 0.4 Rsu + 0.35 (1 - Ras) + 0.25 Rda.
 
-Rounding of the box filter: scipy's ``uniform_filter`` writes integer outputs by truncation, whereas the
-reference (OpenCV ``boxFilter`` on 8-bit images) rounds to nearest. We filter in float64 and round each
-pass to nearest (``np.rint``, ties to even as OpenCV's ``cvRound``) back to uint8, with border mode
-``mirror`` (OpenCV's default BORDER_REFLECT_101). The 1000 px maximum filter uses scipy's default border
-(``reflect``), as the reference does. The polygon mask is filled with Pillow from vertices truncated to
-integers (the reference passes ``np.int32`` vertices to ``cv2.fillPoly``); fills can differ from OpenCV's by
-boundary pixels only.
+The reference computes these on the probability map it saved as a JPEG and read back (``cv2.imread(...,
+IMREAD_GRAYSCALE) / 255``): :func:`read_heatmap` reads image files the same way, and :func:`jpeg_round_trip`
+does the same round trip for a map held in memory (``eval selo --reference-jpeg``).
 """
 from __future__ import annotations
 
@@ -41,27 +41,25 @@ RADIUS_FACTOR, BOX, BOX_TIMES, PEAK_WINDOW, RAS_BETA, RDA_ETA = 1.5, 50, 5, 1000
 WEIGHTS = (0.4, 0.35, 0.25)
 
 
-def region_geometry(region: Region) -> Tuple[float, float, float]:
-    """(cx, cy, r): vertex mean and 1.5 x mean vertex distance to it."""
+def region_geometry(region: Region) -> Tuple[int, int, int]:
+    """(cx, cy, r) as the reference computes them: the vertex mean truncated to integers, and 1.5 x the mean
+    vertex distance to that integer centre, truncated."""
     pts = np.asarray(region, dtype=np.float64).reshape(-1, 2)
-    c = pts.mean(axis=0)
-    r = RADIUS_FACTOR * float(np.linalg.norm(pts - c, axis=1).mean())
-    return float(c[0]), float(c[1]), r
+    n = len(pts)
+    cx, cy = int(sum(pts[:, 0].tolist()) / n), int(sum(pts[:, 1].tolist()) / n)
+    r = int(float(np.mean(np.linalg.norm(pts - np.array([cx, cy], dtype=np.float64), axis=1))) * RADIUS_FACTOR)
+    if r <= 0:
+        raise ValueError(f"region {pts.tolist()} is too small: its radius truncates to 0 (the reference divides "
+                         "by it)")
+    return cx, cy, r
 
 
 def polygon_mask(shape: Tuple[int, int], regions: Sequence[Region]) -> np.ndarray:
-    """H x W float mask (1 inside any polygon, boundary included)."""
-    from PIL import Image, ImageDraw
-    h, w = shape
-    img = Image.new("L", (w, h), 0)
-    draw = ImageDraw.Draw(img)
-    for reg in regions:
-        pts = [(int(x), int(y)) for x, y in np.asarray(reg, dtype=np.float64).reshape(-1, 2)]
-        if len(pts) >= 3:
-            draw.polygon(pts, fill=1, outline=1)
-        else:
-            draw.line(pts, fill=1)
-    return np.asarray(img, dtype=np.float64)
+    """H x W float mask: ``cv2.fillPoly`` of all regions at once on their vertices cast to int32."""
+    import cv2
+    mask = np.zeros(shape, dtype=np.float64)
+    cv2.fillPoly(mask, [np.array(np.asarray(r, dtype=np.float64).reshape(-1, 2), np.int32) for r in regions], 1)
+    return mask
 
 
 def rsu(prob: np.ndarray, mask: np.ndarray) -> float:
@@ -77,11 +75,11 @@ def rsu(prob: np.ndarray, mask: np.ndarray) -> float:
 
 
 def box_smooth(gray: np.ndarray, times: int = BOX_TIMES, size: int = BOX) -> np.ndarray:
-    """``times`` passes of a size x size mean filter on a uint8 image, rounded to uint8 after each pass."""
-    g = gray.astype(np.uint8)
+    """``times`` passes of OpenCV's ``boxFilter`` (size x size mean, 8-bit in and out, reflect-101 border)."""
+    import cv2
+    g = np.ascontiguousarray(gray, dtype=np.uint8)
     for _ in range(times):
-        f = ndimage.uniform_filter(g.astype(np.float64), size=size, mode="mirror")
-        g = np.clip(np.rint(f), 0, 255).astype(np.uint8)
+        g = cv2.boxFilter(g, ddepth=-1, ksize=(size, size))
     return g
 
 
@@ -146,6 +144,21 @@ def selo_metrics(prob: np.ndarray, regions: Sequence[Region]) -> Dict[str, objec
             "centres": [list(c) for c in centres], "height": int(prob.shape[0]), "width": int(prob.shape[1])}
 
 
+def to_grey(prob: np.ndarray) -> np.ndarray:
+    """A probability map as the reference stores it: ``uint8(255 P)`` (truncation)."""
+    return np.uint8(255 * np.clip(np.asarray(prob, dtype=np.float64), 0.0, 1.0))
+
+
+def jpeg_round_trip(prob: np.ndarray) -> np.ndarray:
+    """The map the reference's metrics read: ``uint8(255 P)`` written by ``cv2.imwrite`` as a JPEG (OpenCV's
+    default quality, 95) and read back with ``cv2.imread(..., IMREAD_GRAYSCALE) / 255``."""
+    import cv2
+    ok, buf = cv2.imencode(".jpg", to_grey(prob))
+    if not ok:
+        raise ValueError("OpenCV could not encode the heatmap as a JPEG")
+    return cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE) / 255.0
+
+
 # -- readers ------------------------------------------------------------------------------------------------
 def _to_unit(a: np.ndarray) -> np.ndarray:
     if a.dtype == np.uint8:
@@ -160,7 +173,7 @@ def _to_unit(a: np.ndarray) -> np.ndarray:
 
 
 def read_heatmap(path: PathLike) -> np.ndarray:
-    """A probability map in [0, 1] from .npy, .tif/.tiff (band 1, rasterio) or .png/.jpg (grey, Pillow).
+    """A probability map in [0, 1] from .npy, .tif/.tiff (band 1, rasterio) or .png/.jpg (grey, OpenCV).
 
     uint8 maps to /255, uint16 to /65535; float maps are taken as they are when inside [0, 1], otherwise
     min-max normalised. A 3-D .npy / image keeps its first channel.
@@ -177,9 +190,10 @@ def read_heatmap(path: PathLike) -> np.ndarray:
         with rasterio.open(path) as ds:
             a = ds.read(1)
     elif suffix in (".png", ".jpg", ".jpeg", ".bmp"):
-        from PIL import Image
-        with Image.open(path) as im:
-            a = np.asarray(im.convert("L") if im.mode not in ("L", "I;16") else im)
+        import cv2  # as the reference reads its probmap JPEGs: OpenCV's grey decoding
+        a = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE | (cv2.IMREAD_ANYDEPTH if suffix == ".png" else 0))
+        if a is None:
+            raise ValueError(f"{path}: OpenCV cannot read this image")
     else:
         raise ValueError(f"{path}: heatmaps must be .npy, .tif or .png")
     if a.ndim != 2:

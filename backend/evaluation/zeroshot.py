@@ -1,48 +1,15 @@
-"""Zero-shot classification top-1 (GeoRSCLIP protocol, REFERENCE section 3), for a base CLIP or an adapter."""
+"""Zero-shot top-1 over a labelled image set (GeoRSCLIP protocol, REFERENCE section 3), for a base CLIP or
+an adapter. The class features and logits are ``backend.zeroshot``'s: the same as the served classify."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from backend.tasks.templates import expand, get_templates, normalize_classname
-
-LOGIT_SCALE = 100.0
-
-
-@torch.no_grad()
-def template_class_features(model, tokenizer, classnames: Sequence[str], templates: Sequence[str],
-                            ensemble: str = "georsclip", device=None, batch_size: int = 256) -> Tensor:
-    """(C, D) L2-normalised class vectors. ``georsclip``: mean of raw text embeddings over templates, then
-    normalise; ``openclip``: normalise each embedding before the mean."""
-    if ensemble not in ("georsclip", "openclip"):
-        raise ValueError(f"ensemble must be 'georsclip' or 'openclip', got {ensemble!r}")
-    device = device or next(model.parameters()).device
-    rows = []
-    for name in classnames:
-        prompts = expand(templates, normalize_classname(name))
-        embs = torch.cat([model.encode_text(tokenizer(prompts[i:i + batch_size]).to(device)).float()
-                          for i in range(0, len(prompts), batch_size)])
-        if ensemble == "openclip":
-            embs = F.normalize(embs, dim=-1)
-        rows.append(F.normalize(embs.mean(dim=0), dim=-1))
-    return torch.stack(rows)
-
-
-@torch.no_grad()
-def class_logits(model, images: Tensor, classnames: Sequence[str], text_features: Optional[Tensor]) -> Tensor:
-    """100 x cosine(image, class) for a batch: learned class features (prompt learners) when the model has
-    them, else ``text_features`` (C, D)."""
-    img = F.normalize(model.encode_image(images).float(), dim=-1)
-    learned = model.class_embeddings(list(classnames), images) if hasattr(model, "class_embeddings") else None
-    if learned is not None:
-        learned = F.normalize(learned.float(), dim=-1)
-        if learned.ndim == 3:
-            return LOGIT_SCALE * torch.einsum("bd,bcd->bc", img, learned)
-        return LOGIT_SCALE * img @ learned.T
-    return LOGIT_SCALE * img @ text_features.T
+from backend import zeroshot
+from backend.tasks.templates import get_templates
 
 
 def top1_accuracy(logits: Tensor, labels: Tensor) -> float:
@@ -61,16 +28,19 @@ def evaluate_zeroshot(model, tokenizer, samples: Sequence[Tuple[object, int]], c
     was_training = model.training
     model.eval()
     try:
-        learned_only = hasattr(model, "class_embeddings") and getattr(model, "method", "") in ("coop", "gdpl")
         if isinstance(templates, str):
             templates = get_templates(templates)
-        text = None if learned_only else template_class_features(model, tokenizer, classnames, templates,
-                                                                  ensemble, device)
+        encode_text = zeroshot.model_text_encoder(model, tokenizer, device)
+        conditioned = zeroshot.is_image_conditioned(model)
+        fixed = None if conditioned else zeroshot.class_features(model, classnames, encode_text, templates, ensemble)
         preds: List[Tensor] = []
         labels = torch.tensor([lab for _, lab in samples], dtype=torch.long)
         for i in range(0, len(samples), batch_size):
             x = loader([p for p, _ in samples[i:i + batch_size]]).to(device)
-            preds.append(class_logits(model, x, classnames, text).argmax(dim=-1).cpu())
+            img = F.normalize(model.encode_image(x).float(), dim=-1)
+            feats = fixed if fixed is not None else zeroshot.class_features(
+                model, classnames, encode_text, templates, ensemble, images=x)
+            preds.append(zeroshot.logits(img, feats).argmax(dim=-1).cpu())
         pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
     finally:
         model.train(was_training)

@@ -19,8 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import open_clip
 import torch
 
-from shared_protocol import ErrorCode, ProtocolError
-
+from ..errors import ModelLoadError
 from .presets import CONFIG_DIR, DEFAULT_PRESET, Preset, get_preset, weights_dir
 
 log = logging.getLogger("backend.models")
@@ -28,9 +27,6 @@ PathLike = Union[str, os.PathLike]
 _registered_dirs: set = set()
 
 
-class ModelLoadError(ProtocolError):
-    def __init__(self, message: str, **details: Any):
-        super().__init__(ErrorCode.MODEL_ERROR, message, details)
 
 
 @dataclass
@@ -129,8 +125,10 @@ def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling refused, truncated file, ...
         raise ModelLoadError(f"cannot read checkpoint {path}: {exc}", path=str(path)) from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+    for key in ("state_dict", "model"):  # open_clip training checkpoints; MAE-style {'model': ...}
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelLoadError(f"checkpoint {path} holds no state_dict of tensors", path=str(path))
     if all(k.startswith("module.") for k in obj):

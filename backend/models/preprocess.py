@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared_protocol import ErrorCode, ProtocolError
+from ..errors import ImageInputError
 
 UINT16_PERCENTILES = (2.0, 98.0)
 
@@ -40,16 +40,15 @@ def value_scale(images: np.ndarray, value_range: Optional[Sequence[float]] = Non
             sample = sample[:: sample.size // 4_000_000]
         lo, hi = np.percentile(sample, UINT16_PERCENTILES)
         return (float(lo), float(hi)) if hi > lo else (0.0, 65535.0)
-    raise ProtocolError(ErrorCode.BAD_ARRAY, f"images must be uint8 or uint16, got {images.dtype}")
+    raise ImageInputError(f"images must be uint8 or uint16, got {images.dtype}")
 
 
 def check_images(images: np.ndarray, name: str = "images") -> None:
     if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
-        raise ProtocolError(ErrorCode.BAD_ARRAY, f"'{name}' must be N x H x W x C with C in 1, 3, 4; got shape "
-                            f"{list(images.shape)}", {"name": name})
+        raise ImageInputError(f"'{name}' must be N x H x W x C with C in 1, 3, 4; got shape "
+                              f"{list(images.shape)}", name=name)
     if images.shape[1] < 1 or images.shape[2] < 1:
-        raise ProtocolError(ErrorCode.BAD_ARRAY, f"'{name}' has an empty image ({list(images.shape)})",
-                            {"name": name})
+        raise ImageInputError(f"'{name}' has an empty image ({list(images.shape)})", name=name)
 
 
 def to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """Named model presets: architecture (with the right activation) and where the weights live.
 
 Models initialised from OpenAI CLIP use QuickGELU: their presets name the ``-quickgelu`` open_clip config
-(REFERENCE section 2). GeoRSCLIP ViT-H-14 starts from LAION ``laion2b_s32b_b79k`` and uses plain GELU.
+(REFERENCE section 2). Models initialised from LAION weights use plain GELU: GeoRSCLIP ViT-H-14 (from
+``laion2b_s32b_b79k``) and SkyCLIP ViT-B-32 (from ``laion2b_e16``; SkyScript's notebooks turn QuickGELU on for
+ViT-L-14 only). A strict load cannot catch a wrong activation (the shapes are the same).
 """
 from __future__ import annotations
 
@@ -62,10 +64,11 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            hf_repo="chendelong/RemoteCLIP", hf_filename="RemoteCLIP-ViT-B-32.pt"),
     Preset("remoteclip-vit-l-14", "ViT-L-14-quickgelu", "RemoteCLIP", "RemoteCLIP ViT-L/14",
            hf_repo="chendelong/RemoteCLIP", hf_filename="RemoteCLIP-ViT-L-14.pt"),
-    Preset("skyclip-vit-b-32", "ViT-B-32-quickgelu", "SkyCLIP",
-           "SkyCLIP ViT-B/32 (SkyScript; pass the unzipped epoch_20.pt with --checkpoint)"),
+    Preset("skyclip-vit-b-32", "ViT-B-32", "SkyCLIP",
+           "SkyCLIP ViT-B/32 (SkyScript, from LAION laion2b_e16: plain GELU; pass the unzipped epoch_20.pt "
+           "with --checkpoint)"),
     Preset("skyclip-vit-l-14", "ViT-L-14-quickgelu", "SkyCLIP",
-           "SkyCLIP ViT-L/14 (SkyScript; pass the unzipped epoch_20.pt with --checkpoint)"),
+           "SkyCLIP ViT-L/14 (SkyScript, from OpenAI: QuickGELU; pass the unzipped epoch_20.pt with --checkpoint)"),
     Preset("openai-vit-b-32", "ViT-B-32-quickgelu", "OpenAI CLIP", "OpenAI CLIP ViT-B/32",
            pretrained_tag="openai"),
     Preset("openai-vit-b-16", "ViT-B-16-quickgelu", "OpenAI CLIP", "OpenAI CLIP ViT-B/16",

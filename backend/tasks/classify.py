@@ -10,14 +10,13 @@ import torch.nn.functional as F
 from shared_protocol import ErrorCode, ProtocolError
 from shared_protocol.defaults import MIN_VALID_SHARE
 
+from .. import zeroshot
 from ..cache import content_key
 from ..engine import Engine, Progress
 from ..models.preprocess import preprocess_batch, value_scale
 from .masks import box_shares, image_shares, skipped, valid_pixels
 from .templates import get_templates, normalize_classname
 from .windows import grid_cells
-
-LOGIT_SCALE = 100.0
 
 
 def check_classes(classes: Sequence[str]) -> List[str]:
@@ -36,27 +35,20 @@ def check_classes(classes: Sequence[str]) -> List[str]:
 
 def class_vectors(engine: Engine, classes: Sequence[str], params: Dict[str, Any],
                   progress: Optional[Progress] = None) -> torch.Tensor:
-    """C x D class embeddings: a prompt learner's own (CoOp), else prompt ensembling over templates."""
+    """C x D class features (``backend.zeroshot``'s rule), cached per class list, templates and adapter."""
     adapter = params.get("adapter")
-    learned = getattr(engine.model_for(adapter), "class_embeddings", None)
-    if learned is not None:
+    custom = tuple(params.get("custom_templates") or ())
+    named = params.get("templates") or "georsclip"
+    ensemble = params.get("ensemble", "georsclip")
+
+    def compute() -> torch.Tensor:
+        templates = list(custom) or get_templates(named)  # resolved only when templates are used
         with torch.inference_mode(), engine.autocast():
-            vecs = learned(list(classes))
-        if vecs is not None:
-            return F.normalize(vecs.float(), dim=-1)
-    templates = params.get("custom_templates") or get_templates(params.get("templates") or "georsclip")
-    if progress is None:
-        return engine.class_embeddings(classes, templates, params.get("ensemble", "georsclip"), adapter)
-    return engine.class_embeddings(classes, templates, params.get("ensemble", "georsclip"), adapter, progress)
-
-
-def probabilities(image_feats: torch.Tensor, class_feats: torch.Tensor) -> torch.Tensor:
-    """softmax(100 * cosine) over classes; both inputs L2-normalised."""
-    if class_feats.ndim == 3:  # per-image class features
-        logits = LOGIT_SCALE * torch.einsum("nd,ncd->nc", image_feats, class_feats)
-    else:
-        logits = LOGIT_SCALE * image_feats @ class_feats.T
-    return logits.softmax(dim=-1)
+            return zeroshot.class_features(engine.model_for(adapter), classes, lambda prompts: engine.encode_texts(
+                prompts, adapter, normalize=False, use_cache=False), templates, ensemble,
+                progress=progress)
+    key = ("classes", adapter, ensemble, custom or named, tuple(classes))
+    return engine.cache.get_or_compute(key, compute)
 
 
 def tiles_from_request(params: Dict[str, Any], arrays: Dict[str, np.ndarray]
@@ -87,8 +79,7 @@ def conditioned_probabilities(engine: Engine, classes: Sequence[str], tiles: np.
         x = preprocess_batch(tiles[start:start + engine.batch_size], engine.loaded, scale=scale)
         with torch.inference_mode(), engine.autocast():
             img = F.normalize(model.encode_image(x).float(), dim=-1)
-            txt = F.normalize(model.class_embeddings(list(classes), x).float(), dim=-1)
-        out.append(probabilities(img, txt))
+            out.append(zeroshot.probabilities(img, zeroshot.learned_class_features(model, classes, x)))
     return torch.cat(out)
 
 
@@ -117,7 +108,7 @@ def classify(engine: Engine, params: Dict[str, Any], arrays: Dict[str, np.ndarra
     adapter = params.get("adapter")
     if not len(tiles):
         probs_t = torch.zeros((0, len(classes)))
-    elif getattr(engine.model_for(adapter), "image_conditioned", False):
+    elif zeroshot.is_image_conditioned(engine.model_for(adapter)):
         source = tiles if canvas is None else np.stack([canvas[y0:y1, x0:x1] for x0, y0, x1, y1 in tiles])
         probs_t = conditioned_probabilities(engine, classes, source, scale, adapter,
                                             lambda p, m: progress(0.9 * p, m))
@@ -128,8 +119,8 @@ def classify(engine: Engine, params: Dict[str, Any], arrays: Dict[str, np.ndarra
             key = ("grid", adapter, scale, content_key(canvas), content_key(tiles))
             feats = engine.cache.get_or_compute(key, lambda: engine.encode_windows(
                 canvas, tiles, None, adapter, scale, lambda p, m: progress(0.9 * p, m)))
-        probs_t = probabilities(feats, class_vectors(engine, classes, params,
-                                                     lambda p, m: progress(0.9 + 0.09 * p, m)))
+        probs_t = zeroshot.probabilities(feats, class_vectors(engine, classes, params,
+                                                              lambda p, m: progress(0.9 + 0.09 * p, m)))
     probs = np.full((len(keep) + len(skip), len(classes)), np.nan, dtype=np.float32)
     probs[keep] = probs_t.float().cpu().numpy()
     k = min(params.get("top_k", 5), len(classes))

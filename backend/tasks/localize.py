@@ -378,6 +378,9 @@ def localize(engine: Engine, canvas: Union[np.ndarray, CanvasRef, None], params:
     smoothing's block means): only the final map is made at full resolution.
     """
     ref = canvas if isinstance(canvas, CanvasRef) else resolve_canvas(engine, canvas, params, mask)
+    if params.get("selo_mode") == "reference":  # the original pipeline, step by step
+        from .selo_reference import localize_reference
+        return localize_reference(engine, ref, params, progress)
     h, w = ref.height, ref.width
     adapter = params.get("adapter")
     sizes = sorted(set(int(s) for s in params["window_sizes"]))

@@ -9,15 +9,23 @@ ADJECTIVES = ("low resolution", "bad", "cropped", "bright", "dark", "close-up", 
 SIZES = ("large", "nice", "small", "weird", "cool")
 
 
+def _article(word: str) -> str:
+    """English's indefinite article before ``word`` ("an aerial image", "a satellite image")."""
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def _georsclip_templates() -> List[str]:
+    """GeoRSCLIP's 105 templates in its order (``inference/classname_and_prompt/RSAID.py``): "an aerial
+    image of ...", but "a bad aerial image of ..." (the article goes with the word that follows it)."""
     out: List[str] = []
     for s in SUBJECTS:
-        out += [f"a {s} of many {{}}.", f"a {s} of a {{}}.", f"a {s} of the {{}}.",
-                f"a {s} of the hard to see {{}}.", f"a {s} of a hard to see {{}}."]
+        an_s = f"{_article(s)} {s}"
+        out += [f"{an_s} of many {{}}.", f"{an_s} of a {{}}.", f"{an_s} of the {{}}.",
+                f"{an_s} of the hard to see {{}}.", f"{an_s} of a hard to see {{}}."]
         for a in ADJECTIVES:
-            out += [f"a {a} {s} of the {{}}.", f"a {a} {s} of a {{}}."]
+            out += [f"{_article(a)} {a} {s} of the {{}}.", f"{_article(a)} {a} {s} of a {{}}."]
         for b in SIZES:
-            out += [f"a {s} of the {b} {{}}.", f"a {s} of a {b} {{}}."]
+            out += [f"{an_s} of the {b} {{}}.", f"{an_s} of a {b} {{}}."]
     return out
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -15,14 +16,13 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from backend.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 PathLike = Union[str, Path]
-
-
-class DataError(ValueError):
-    """A dataset that cannot be read as asked."""
 
 
 @dataclass
@@ -74,17 +74,30 @@ def read_karpathy(path: PathLike, images_dir: Optional[PathLike] = None) -> List
     return items
 
 
-def read_caption_csv(path: PathLike, images_dir: Optional[PathLike] = None) -> List[CaptionItem]:
-    """One ``filename,title`` row per caption (a header row is optional); captions grouped per image."""
+def read_caption_csv(path: PathLike, images_dir: Optional[PathLike] = None,
+                     encoding: str = "utf-8") -> List[CaptionItem]:
+    """One ``filename,title`` row per caption (a header row is optional; with a header naming ``filename``
+    and ``title``, those columns are read wherever they are); captions grouped per image. RS5M's RSICD test
+    CSV is ``gb18030``."""
     path = Path(path)
     groups: "OrderedDict[str, List[str]]" = OrderedDict()
-    with open(path, newline="", encoding="utf-8") as f:
-        for i, row in enumerate(csv.reader(f)):
-            if len(row) < 2:
+    file_col, title_col = 0, 1
+    try:
+        with open(path, newline="", encoding=encoding) as f:
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not {encoding} text ({exc})") from None
+    for i, row in enumerate(rows):
+        if i == 0:
+            header = [c.strip().lower() for c in row]
+            if "filename" in header and "title" in header:
+                file_col, title_col = header.index("filename"), header.index("title")
                 continue
-            if i == 0 and row[0].strip().lower() in ("filename", "file", "image", "filepath"):
+            if header and header[0] in ("filename", "file", "image", "filepath"):
                 continue
-            groups.setdefault(row[0].strip(), []).append(row[1].strip())
+        if len(row) <= max(file_col, title_col):
+            continue
+        groups.setdefault(row[file_col].strip(), []).append(row[title_col].strip())
     if not groups:
         raise DataError(f"{path}: no filename,title rows")
     root = _images_dir(path, images_dir, next(iter(groups)))
@@ -183,6 +196,40 @@ def augment(x: Tensor, generator: torch.Generator) -> Tensor:
     for img in x:
         k = int(torch.randint(4, (1,), generator=generator))
         img = torch.rot90(img, k, dims=(1, 2))
+        if torch.rand(1, generator=generator) < 0.5:
+            img = img.flip(2)
+        out.append(img)
+    return torch.stack(out)
+
+
+def random_resized_crop_flip(x: Tensor, generator: torch.Generator, scale: Tuple[float, float] = (0.08, 1.0),
+                             ratio: Tuple[float, float] = (3 / 4, 4 / 3)) -> Tensor:
+    """Dassl's ``random_resized_crop`` + ``random_flip`` (torchvision's sampling: 10 tries, else the centre
+    crop of the clamped ratio; bicubic back to the size; horizontal flip with p 0.5), on the model-size images
+    (Dassl crops the raw image before resizing; here the loader's resized centre crop is what is cropped)."""
+    out = []
+    _, h, w = x.shape[1:]
+    area = h * w
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for img in x:
+        box = None
+        for _ in range(10):
+            target = area * float(torch.empty(1).uniform_(scale[0], scale[1], generator=generator))
+            aspect = math.exp(float(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)))
+            cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+            if 0 < cw <= w and 0 < ch <= h:
+                top = int(torch.randint(0, h - ch + 1, (1,), generator=generator))
+                left = int(torch.randint(0, w - cw + 1, (1,), generator=generator))
+                box = (top, left, ch, cw)
+                break
+        if box is None:  # the centre crop with the ratio clamped to its range
+            r = w / h
+            cw, ch = (w, int(round(w / ratio[0]))) if r < ratio[0] else \
+                ((int(round(h * ratio[1])), h) if r > ratio[1] else (w, h))
+            box = ((h - ch) // 2, (w - cw) // 2, ch, cw)
+        top, left, ch, cw = box
+        crop = img[:, top:top + ch, left:left + cw].unsqueeze(0)
+        img = F.interpolate(crop, size=(h, w), mode="bicubic", align_corners=False)[0]
         if torch.rand(1, generator=generator) < 0.5:
             img = img.flip(2)
         out.append(img)

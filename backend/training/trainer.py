@@ -1,10 +1,16 @@
 """The training loop for every method: seeded, resumable, evaluated every epoch, AMP on CUDA.
 
 Task: caption data (Karpathy JSON / CSV) trains with InfoNCE or HMMC and is evaluated by retrieval mR on
-the held-out split; an ImageFolder trains with cross-entropy over class prompts (the learned prompts of
-CoOp/GDPL, or ``train_template`` through the adapted text encoder for LoRA/MRS-Adapter) and is evaluated
-by zero-shot top-1 on held-out images. Epoch ``e`` seeds everything random (shuffling, augmentation,
-dropout, GDPL's noise) with ``seed`` and ``e``, so a resumed run equals an uninterrupted one.
+the held-out split (an epoch runs over every caption once, as GaLR and PE-RSITR do;
+``caption_sampling="one"`` draws one caption per image instead); an ImageFolder trains with cross-entropy
+over class prompts (the learned prompts of CoOp/GDPL, or ``train_template`` through the adapted text
+encoder for LoRA/MRS-Adapter) and is evaluated by zero-shot top-1 on held-out images. Epoch ``e`` seeds
+everything random (shuffling, augmentation, dropout, GDPL's noise) with ``seed`` and ``e``, so a resumed
+run equals an uninterrupted one.
+
+Schedules: ``steps`` (linear warm-up over ``warmup_steps``, then cosine per step) or ``dassl`` (Dassl's, which
+CoOp and GDPL/MaPLe train with: ``warmup_epochs`` at the constant ``warmup_lr`` 1e-5, then cosine per epoch
+over ``epochs``). Augmentation: ``rs`` (flips and quarter turns) or ``dassl`` (random resized crop + flip).
 
 Output folder: ``adapter.pt`` (the adapter file), ``checkpoint.pt`` (adapter + optimizer + history, for
 ``--resume``), ``metrics.jsonl`` (one JSON object per evaluation).
@@ -30,8 +36,12 @@ from backend.evaluation.zeroshot import evaluate_zeroshot
 from backend.files import atomic_file
 from backend.tasks.templates import normalize_classname
 
-from .data import CaptionData, ClassData, ImageLoader, augment, batches
+from .data import CaptionData, ClassData, ImageLoader, augment, batches, random_resized_crop_flip
 from .losses import hmmc_loss, info_nce, prompt_ce, temperature
+
+
+SCHEDULES = ("steps", "dassl")
+AUGMENTATIONS = ("rs", "dassl")
 
 
 @dataclass
@@ -47,6 +57,11 @@ class TrainConfig:
     hmmc_weights: Tuple[float, float, float] = (1.0, 1.0, 1.0)
     hmmc_dropout: float = 0.2
     warmup_steps: int = 0
+    schedule: Optional[str] = None  # steps | dassl (None: the method's default, else steps)
+    warmup_epochs: int = 1  # dassl: epochs at warmup_lr before the cosine
+    warmup_lr: float = 1e-5
+    augmentation: Optional[str] = None  # rs | dassl (None: the method's default, else rs)
+    caption_sampling: str = "all"  # retrieval: every caption once per epoch (all) or one per image (one)
     seed: int = 0
     amp: bool = True  # autocast on CUDA only
     augment: bool = True
@@ -67,7 +82,13 @@ class TrainConfig:
         for k, v in spec.defaults.items():
             if k in d and d[k] is None:
                 d[k] = v
+        d["schedule"] = d["schedule"] or "steps"
+        d["augmentation"] = d["augmentation"] or "rs"
         cfg = TrainConfig(**d)
+        for name, value, allowed in (("schedule", cfg.schedule, SCHEDULES), ("augmentation", cfg.augmentation,
+                                     AUGMENTATIONS), ("caption_sampling", cfg.caption_sampling, ("all", "one"))):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         if cfg.loss not in ("infonce", "hmmc", "ce"):
             raise ValueError(f"loss must be infonce, hmmc or ce, got {cfg.loss!r}")
         if cfg.optimizer not in ("sgd", "adamw"):
@@ -97,6 +118,12 @@ class Trainer:
         self.device = loaded.device
         self.loader = ImageLoader(loaded)
         self.history: List[Dict[str, Any]] = []
+        # what one epoch runs over: images (classification, or one caption per image), or (image, caption)
+        if self.task == "retrieval" and self.cfg.caption_sampling == "all":
+            self.samples: List[Tuple[int, int]] = [(i, c) for i, it in enumerate(data.train)
+                                                   for c in range(len(it.captions))]
+        else:
+            self.samples = [(i, -1) for i in range(len(data.train))]
 
     # -- setup ------------------------------------------------------------------------------------------------
     def _build(self, method_config: Dict[str, Any]) -> AdaptedModel:
@@ -109,14 +136,20 @@ class Trainer:
             return torch.optim.SGD(params, lr=self.cfg.lr, momentum=0.9, weight_decay=self.cfg.weight_decay)
         return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
-    def _lr_at(self, step: int, total: int) -> float:
+    def lr_at(self, epoch: int, step: int, total: int) -> float:
+        """The learning rate of ``step`` (of ``total``), in epoch ``epoch`` (0-based)."""
+        cfg = self.cfg
+        if cfg.schedule == "dassl":  # ConstantWarmupScheduler + CosineAnnealingLR(T_max=epochs), per epoch
+            if epoch < cfg.warmup_epochs:
+                return cfg.warmup_lr
+            return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / cfg.epochs))
         if self.cfg.warmup_steps and step < self.cfg.warmup_steps:
             return self.cfg.lr * (step + 1) / self.cfg.warmup_steps
         t = (step - self.cfg.warmup_steps) / max(1, total - self.cfg.warmup_steps)
         return 0.5 * self.cfg.lr * (1.0 + math.cos(math.pi * min(1.0, t)))
 
     def _steps_per_epoch(self) -> int:
-        n = len(self.data.train)
+        n = len(self.samples)
         steps = max(1, math.ceil(n / self.cfg.batch_size))
         return min(steps, self.cfg.max_steps_per_epoch or steps)
 
@@ -127,17 +160,26 @@ class Trainer:
         return contextlib.nullcontext()
 
     # -- one step -------------------------------------------------------------------------------------------------
-    def loss(self, model: AdaptedModel, idx: Sequence[int], gen: torch.Generator) -> Tuple[torch.Tensor, Dict[str, float]]:
+    def caption_batch(self, idx: Sequence[int], gen: torch.Generator) -> Tuple[List[Any], List[str]]:
+        """(image paths, captions) of a batch of ``samples`` indices (a random caption when sampling one)."""
+        paths, captions = [], []
+        for i in idx:
+            item, c = self.samples[i]
+            it = self.data.train[item]
+            paths.append(it.path)
+            captions.append(it.captions[c if c >= 0 else int(torch.randint(len(it.captions), (1,), generator=gen))])
+        return paths, captions
+
+    def loss(self, model: AdaptedModel, idx: Sequence[int],
+             gen: torch.Generator) -> Tuple[torch.Tensor, Dict[str, float]]:
         if self.task == "classification":
-            paths = [self.data.train[i][0] for i in idx]
-            labels = torch.tensor([self.data.train[i][1] for i in idx], device=self.device)
+            paths = [self.data.train[self.samples[i][0]][0] for i in idx]
+            labels = torch.tensor([self.data.train[self.samples[i][0]][1] for i in idx], device=self.device)
         else:
-            items = [self.data.train[i] for i in idx]
-            paths = [it.path for it in items]
-            captions = [it.captions[int(torch.randint(len(it.captions), (1,), generator=gen))] for it in items]
+            paths, captions = self.caption_batch(idx, gen)
         x = self.loader.batch(paths)
         if self.cfg.augment:
-            x = augment(x, gen)
+            x = augment(x, gen) if self.cfg.augmentation == "rs" else random_resized_crop_flip(x, gen)
         x = x.to(self.device)
         scale = temperature(model.logit_scale.detach().float())
         with self._autocast():
@@ -224,11 +266,11 @@ class Trainer:
             model.train()
             t0, losses, parts = time.time(), [], {}
             bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress)
-            for i, idx in enumerate(batches(len(self.data.train), cfg.batch_size, gen)):
+            for i, idx in enumerate(batches(len(self.samples), cfg.batch_size, gen)):
                 if i >= steps_per_epoch:
                     break
                 for g in opt.param_groups:
-                    g["lr"] = self._lr_at(step, total)
+                    g["lr"] = self.lr_at(epoch, step, total)
                 loss, part = self.loss(model, idx, gen)
                 opt.zero_grad(set_to_none=True)
                 if scaler is not None:
@@ -247,7 +289,7 @@ class Trainer:
             bar.close()
             record = {"epoch": epoch + 1, "loss": sum(losses) / max(1, len(losses)),
                       "loss_parts": {k: v / max(1, len(losses)) for k, v in parts.items()},
-                      "lr": self._lr_at(step - 1, total), "seconds": round(time.time() - t0, 3)}
+                      "lr": self.lr_at(epoch, step - 1, total), "seconds": round(time.time() - t0, 3)}
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 record["eval"] = self.evaluate(model)
             self._log_metrics(record)

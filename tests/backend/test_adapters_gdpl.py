@@ -140,3 +140,72 @@ def test_timm_domain_model_with_its_checkpoint(tiny, tmp_path):
         build_adapter("gdpl", tiny, domain_model="timm:test_vit", domain_checkpoint=str(tmp_path / "other.pt"))
     with pytest.raises(AdapterError, match="domain_checkpoint"):
         build_adapter("gdpl", tiny, domain_model="timm:test_vit")
+
+
+# -- fidelity to the released code (caoql98/GDPL trainer/maple.py) and its paper variant ---------------------
+def test_deep_vision_prompts_are_padded_with_zeros_first(tiny):
+    a = build_adapter("gdpl", tiny).eval()
+    x = torch.randn(2, 3, 32, 32)
+    p = a.adapter["prompts"]
+    with torch.no_grad():
+        cond = a.conditioning(x)
+        b = p.domain_bias(a.domain(x)).unsqueeze(1)
+        for layer, q in enumerate(p.q_vision, start=1):
+            deep = p.deep_text[layer - 1].unsqueeze(0) + b
+            expected = q(torch.cat([torch.zeros_like(deep), deep], dim=-1))  # cat(zeros, p_l + b)
+            torch.testing.assert_close(cond["vision"][layer], expected)
+            assert not torch.allclose(cond["vision"][layer], q(torch.cat([deep, torch.zeros_like(deep)], dim=-1)))
+
+
+def test_released_variant_behaviours(tiny):
+    paper = build_adapter("gdpl", tiny)
+    released = build_adapter("gdpl", tiny, variant="released")
+    x = torch.randn(2, 3, 32, 32)
+    # one initialisation copied to every deep quaternion layer (the tiny model has one: build 3 here)
+    from backend.adapters.gdpl.model import GDPLPrompts
+    for shared in (True, False):
+        qs = GDPLPrompts(torch.zeros(2, 64), 32, 64, 64, depth=4, hidden=8, deep_std=0.02,
+                         shared_deep_init=shared).q_vision
+        same = [torch.equal(q.r, qs[0].r) and torch.equal(q.k, qs[0].k) for q in qs[1:]]
+        assert len(qs) == 3 and (all(same) if shared else not any(same))
+    # noise at test time too, one draw per image (the same for every context token)
+    released.eval()
+    with torch.no_grad():
+        c1, c2 = released.conditioning(x)["text_ctx"], released.conditioning(x)["text_ctx"]
+        assert not torch.equal(c1, c2)
+        paper.eval()
+        assert torch.equal(paper.conditioning(x)["text_ctx"], paper.conditioning(x)["text_ctx"])
+    # the S/R coupling gets no gradient in the released code (re-wrapped as a new leaf every forward)
+    for model, trains in ((paper, True), (released, False)):
+        model.train().mark_trainable()
+        model.zero_grad()
+        model.class_logits(x, ["red", "blue"]).sum().backward()
+        lora = model.adapter["lora"]
+        assert (lora.S.grad is not None and lora.R.grad is not None) == trains
+        assert model.adapter["prompts"].ctx.grad is not None
+    with pytest.raises(AdapterError, match="variant"):
+        build_adapter("gdpl", tiny, variant="other")
+
+
+def test_mae_domain_checkpoint_in_its_own_layout(tiny, tmp_path):
+    """An MAE checkpoint ({'model': encoder + decoder_* + mask_token}) supplies f_d = mean over the patch
+    tokens of decoder_embed(norm(encoder(x)))."""
+    import timm
+    torch.manual_seed(7)
+    enc = timm.create_model("test_vit", pretrained=False, num_classes=0).eval()
+    dec = torch.nn.Linear(enc.embed_dim, 48)
+    sd = dict(enc.state_dict())
+    sd.update({"decoder_embed.weight": dec.weight.detach().clone(), "decoder_embed.bias": dec.bias.detach().clone(),
+               "mask_token": torch.zeros(1, 1, 48), "decoder_pos_embed": torch.zeros(1, 101, 48),
+               "decoder_pred.weight": torch.zeros(768, 48), "decoder_pred.bias": torch.zeros(768)})
+    torch.save({"model": sd, "epoch": 1599}, tmp_path / "mae.pth")
+    a = build_adapter("gdpl", tiny, domain_model="mae:test_vit", domain_checkpoint=str(tmp_path / "mae.pth"))
+    assert a.domain.dim == 48
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        big = torch.nn.functional.interpolate(x, size=(160, 160), mode="bilinear", antialias=True, align_corners=False)
+        tokens = dec(enc.forward_features(big))[:, 1:]  # drop the class token
+        torch.testing.assert_close(a.domain(x), tokens.mean(dim=1))
+    torch.save({"model": enc.state_dict()}, tmp_path / "not_mae.pth")
+    with pytest.raises(AdapterError, match="not an MAE"):
+        build_adapter("gdpl", tiny, domain_model="mae:test_vit", domain_checkpoint=str(tmp_path / "not_mae.pth"))

@@ -55,7 +55,7 @@ def test_train_then_eval_zeroshot_and_resume(colour_data, tmp_path, capsys):
     out_dir = tmp_path / "coop"
     argv = ["train", "--method", "coop", "--data", str(colour_data / "folder"), "--shots", "4", "--out", str(out_dir),
             "--epochs", "3", "--lr", "0.01", "--batch-size", "8", "--eval-templates", "simple", "--no-progress",
-            "--seed", "1", "--json", *TINY]
+            "--seed", "1", "--warmup-epochs", "0", "--json", *TINY]  # Dassl's schedule without its warm-up epoch
     rc, out, _ = _run(argv[:-len(TINY)] + ["--stop-after-epoch", "1"] + TINY, capsys)
     assert rc == 0 and _last_json(out)["epochs"] == 1
     rc, out, err = _run(argv + ["--resume"], capsys)
@@ -103,6 +103,13 @@ def test_eval_selo(tmp_path, capsys):
     assert rc == 0
     res = _last_json(out)
     assert set(res) >= {"rsu", "ras", "rda", "rmi"} and res["rda"] == 1.0 and "Rmi" in out
+    rc, out, _ = _run(["eval", "selo", "--heatmap", str(tmp_path / "h.npy"), "--annotations", str(tmp_path / "a.json"),
+                       "--image", "7.jpg", "--reference-jpeg", "--json"], capsys)
+    from backend.evaluation import selo
+    again = selo.selo_metrics(selo.jpeg_round_trip(prob), anno[0]["points"])
+    jpeg = _last_json(out)
+    assert rc == 0 and jpeg["reference_jpeg"] and all(jpeg[k] == pytest.approx(again[k]) for k in ("rsu", "ras", "rda"))
+    assert jpeg["rsu"] != res["rsu"]  # the 8-bit JPEG map is not the float map
     rc, _, err = _run(["eval", "selo", "--heatmap", str(tmp_path / "h.npy"), "--annotations",
                        str(tmp_path / "a.json"), "--image", "8.jpg"], capsys)
     assert rc == 2 and "no annotation" in err

@@ -136,6 +136,12 @@ def test_cli_classify_rank_localize(live_server, tmp_path, data_dir):
         h = dst.read(1)
         assert h.dtype == np.float32 and 0 <= np.nanmin(h) and np.nanmax(h) <= 1 and np.isnan(h[0, 0])  # collar
     assert not list(tmp_path.glob(".*.part"))  # written atomically
+    ref = tmp_path / "heat_ref.npy"
+    loc = run_cli("localize", "--connect", live_server.address, "--query", "a river", "--out", str(ref),
+                  "--window-sizes", "128", "256", "--smooth", "31", "--selo-mode", "reference", "--json", str(tif))
+    assert loc.returncode == 0, loc.stderr
+    r = np.load(ref)
+    assert r.shape == h.shape and np.allclose(r * 255, np.rint(r * 255), atol=1e-3)  # the reference's 8-bit map
 
 
 def test_cli_errors_are_clear(live_server, tmp_path):

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from backend.cli import main as cli_main
-from backend.engine import Engine, EngineConfig, cpuinfo_field, native_bf16_cpu, resolve_precision
+from backend.engine import Engine, EngineConfig
+from backend.models.precision import cpuinfo_field, native_bf16_cpu, resolve_precision
 from backend.models.preprocess import preprocess_batch
 from backend.tasks.classify import classify
 

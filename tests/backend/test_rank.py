@@ -62,7 +62,7 @@ def test_embed(engine, tiny, rng):
 
 @pytest.mark.parametrize("arch", ["tiny", "tiny-quickgelu"])
 def test_trimmed_text_encoder_equals_open_clip(arch):
-    from backend.engine import trimmed_text_encoder
+    from backend.models.text_encoder import trimmed_text_encoder
     from backend.models import load_model
     torch.manual_seed(2)
     loaded = load_model(arch, random_weights=True, device="cpu")

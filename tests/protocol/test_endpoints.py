@@ -59,12 +59,14 @@ def test_status_lines_round_trip():
 
 
 def test_the_plugin_and_the_backend_use_these_definitions():
-    """Same objects, not copies (QGIS's Python imports backend.server and backend.cli too: they need no torch)."""
-    from backend import cli, process, server
+    """Same objects, not copies (QGIS's Python imports backend.server and the commands too: they need no torch)."""
+    from backend import process, server
+    from backend.commands import _common, serve
     from qgis_plugin import backend_process, manager, settings
     from shared_protocol import client
     assert server.is_loopback is ep.is_loopback and manager.is_loopback is ep.is_loopback
-    assert cli.TOKEN_ENV is ep.TOKEN_ENV and cli.DEFAULT_ADDRESS is ep.DEFAULT_ADDRESS
+    assert _common.TOKEN_ENV is ep.TOKEN_ENV and _common.DEFAULT_ADDRESS is ep.DEFAULT_ADDRESS
+    assert serve.TOKEN_ENV is ep.TOKEN_ENV and serve.DEFAULT_ADDRESS is ep.DEFAULT_ADDRESS
     assert server.DEFAULT_BIND is ep.DEFAULT_ADDRESS and client.DEFAULT_ADDRESS is ep.DEFAULT_ADDRESS
     assert settings.DEFAULT_ADDRESS is ep.DEFAULT_ADDRESS and settings.Settings().address == ep.DEFAULT_ADDRESS
     assert process.free_port is ep.free_port and backend_process.free_port is ep.free_port

@@ -57,5 +57,5 @@ register(MethodSpec(
     name="coop", config_cls=CoOpConfig, model_cls=CoOpAdaptedModel, prompt_learner=True,
     description="CoOp: learned prompt context vectors (prompt-learning baseline)",
     defaults={"optimizer": "sgd", "lr": 0.002, "weight_decay": 5e-4, "epochs": 200, "batch_size": 32,
-              "loss": "ce", "shots": 16},
+              "loss": "ce", "shots": 16, "schedule": "dassl", "augmentation": "dassl"},
 ))

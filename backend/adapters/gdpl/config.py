@@ -21,9 +21,22 @@ class GDPLConfig(ConfigMixin):
     lora_alpha: float = 1.0  # QKV update scaled by (alpha / r) / 4
     out_lora_scale: float = 0.25
     # frozen domain model: 'self' (the base model's own vision tower), an open_clip preset or architecture
-    # (optionally with domain_model_config / domain_checkpoint), or 'timm:NAME' with domain_checkpoint
+    # (optionally with domain_model_config / domain_checkpoint), 'timm:NAME' with domain_checkpoint, or
+    # 'mae' / 'mae:TIMM_VIT' with an MAE checkpoint in its {'model': ...} layout (domain.py)
     domain_model: str = "self"
     domain_model_config: Optional[str] = None
     domain_checkpoint: Optional[str] = None
     domain_random_weights: bool = False  # tests only: random weights drawn with domain_seed (reproducible)
     domain_seed: int = 0
+    # 'paper' (default) or 'released': the released code's behaviours where it differs from the paper (the
+    # S/R coupling re-wrapped every forward so it never trains, noise at test time too, drawn once per image
+    # and scaled by the batch mean of f_d, one init copied to all deep quaternion layers); README, GDPL
+    variant: str = "paper"
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            from ..towers import AdapterError
+            raise AdapterError(f"GDPL variant must be one of {VARIANTS}, got {self.variant!r}")
+
+
+VARIANTS = ("paper", "released")

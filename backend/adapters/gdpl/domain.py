@@ -1,8 +1,16 @@
-"""The frozen domain model of GDPL: any open_clip vision tower, or a timm model, with its checkpoint.
+"""The frozen domain model of GDPL: any open_clip vision tower, a timm model, or a remote-sensing MAE ViT,
+with its checkpoint.
 
 ``f_d`` = mean of its output tokens (after the projection for open_clip ViTs; the pooled features for other
 open_clip towers; timm: mean of ``forward_features`` tokens or spatial positions). Inputs arrive normalised
 for the base model; they are un-normalised, resized and normalised for the domain model when those differ.
+
+``mae`` / ``mae:TIMM_VIT`` (default ``vit_base_patch16_224``): an MAE checkpoint in its own layout
+(``{'model': {...}}`` with the encoder's timm keys plus ``decoder_*`` and ``mask_token``), as the released GDPL
+loads ``vit-b-checkpoint-1599.pth``. The released code calls a modified ``models_mae`` (not in its repository)
+that gives 196 x 512 tokens per image; we read that as the full (unmasked) encoder, its final norm and the
+MAE's ``decoder_embed`` projection (768 -> 512), averaged over the patch tokens. As in the released code the
+MAE gets the image as the base model gets it (CLIP-normalised), resized to the MAE's input size if needed.
 """
 from __future__ import annotations
 
@@ -52,6 +60,8 @@ class DomainEncoder(nn.Module):
             return (f @ v.proj if v.proj is not None else f).float()
         if self.kind == "open_clip":
             return self.net(x).float()
+        if self.kind == "mae":
+            return self.net(x).float()
         feats = self.net.forward_features(x)  # timm
         return (feats.mean(dim=(2, 3)) if feats.ndim == 4 else feats.mean(dim=1)).float()
 
@@ -67,6 +77,8 @@ def build_domain_encoder(config: GDPLConfig, loaded) -> DomainEncoder:
         torch.manual_seed(config.domain_seed)
         if name.startswith("timm:"):
             return _timm_encoder(name[len("timm:"):], config, loaded, base)
+        if name == "mae" or name.startswith("mae:"):
+            return _mae_encoder(name[len("mae:"):] or MAE_ARCH, config, loaded, base)
         from backend.models.loading import load_model
         dom = load_model(name, model_config=config.domain_model_config, checkpoint=config.domain_checkpoint,
                          device=str(loaded.device), random_weights=config.domain_random_weights)
@@ -94,3 +106,43 @@ def _timm_encoder(arch: str, config: GDPLConfig, loaded, base) -> DomainEncoder:
     size = tuple(cfg["input_size"][-2:])
     net = net.to(loaded.device).eval()
     return DomainEncoder(net, "timm", int(net.num_features), size, cfg["mean"], cfg["std"], **base)
+
+
+MAE_ARCH = "vit_base_patch16_224"
+
+
+class MAEFeatures(nn.Module):
+    """An MAE encoder (timm ViT keys), its final norm and ``decoder_embed``: B x (patches) x D_dec tokens."""
+
+    def __init__(self, encoder: nn.Module, decoder_embed: nn.Linear):
+        super().__init__()
+        self.encoder, self.decoder_embed = encoder, decoder_embed
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.decoder_embed(self.encoder.forward_features(x))  # the norm is in forward_features
+        return tokens[:, self.encoder.num_prefix_tokens:].mean(dim=1)
+
+
+def _mae_encoder(arch: str, config: GDPLConfig, loaded, base) -> DomainEncoder:
+    import timm
+    if not config.domain_checkpoint:
+        raise AdapterError("an MAE domain model needs its checkpoint (domain_checkpoint: the {'model': ...} file)")
+    from backend.models.loading import read_state_dict
+    sd = read_state_dict(config.domain_checkpoint)
+    if "decoder_embed.weight" not in sd:
+        raise AdapterError(f"{config.domain_checkpoint} is not an MAE checkpoint (no decoder_embed)")
+    try:
+        encoder = timm.create_model(arch, pretrained=False, num_classes=0)
+    except Exception as exc:
+        raise AdapterError(f"cannot build timm model {arch!r}: {exc}") from None
+    enc_sd = {k: v for k, v in sd.items() if not k.startswith("decoder") and k != "mask_token"}
+    missing, unexpected = encoder.load_state_dict(enc_sd, strict=False)
+    if missing or unexpected:
+        raise AdapterError(f"{config.domain_checkpoint} does not fit an MAE {arch}: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    w = sd["decoder_embed.weight"]
+    decoder_embed = nn.Linear(w.shape[1], w.shape[0])
+    decoder_embed.load_state_dict({"weight": w, "bias": sd["decoder_embed.bias"]})
+    net = MAEFeatures(encoder, decoder_embed).to(loaded.device).eval()
+    size = tuple(encoder.patch_embed.img_size)
+    return DomainEncoder(net, "mae", int(w.shape[0]), size, base["base_mean"], base["base_std"], **base)

@@ -97,10 +97,11 @@ class LowRankAttention(nn.Module):
 class CoupledLoRA(nn.Module):
     """Low-rank adaptation of attention layers 0..depth-1 of both encoders with coupled scaling vectors:
     ``S_all`` (depth x r x 2: vision, text) is used as ``S_all R + S_all`` with a learnable 2 x 2 ``R``
-    initialised to zeros."""
+    initialised to zeros. ``frozen_coupling`` reproduces the released code, which re-wraps the product as a
+    new parameter every forward pass: no gradient reaches ``S`` or ``R``, so they keep their initial values."""
 
     def __init__(self, text_width: int, vision_width: int, depth: int, rank: int = 4, alpha: float = 1.0,
-                 out_scale: float = 0.25):
+                 out_scale: float = 0.25, frozen_coupling: bool = False):
         super().__init__()
         qkv_scale = alpha / rank / 4
         self.vision = nn.ModuleList([LowRankAttention(vision_width, rank, qkv_scale, out_scale) for _ in range(depth)])
@@ -108,7 +109,9 @@ class CoupledLoRA(nn.Module):
         self.S = nn.Parameter(torch.ones(depth, rank, 2))
         self.R = nn.Parameter(torch.zeros(2, 2))
         self.depth = depth
+        self.frozen_coupling = frozen_coupling
 
     def scales(self) -> Tensor:
         """Coupled scaling vectors, depth x r x 2 (column 0 vision, 1 text)."""
-        return self.S @ self.R + self.S
+        s = self.S @ self.R + self.S
+        return s.detach() if self.frozen_coupling else s

@@ -5,8 +5,9 @@ Per image: ``f_d`` from the frozen domain model; ``b = DomainBias(f_d)``; ``ctx'
 training)``; text context ``= QLinear(2W_t -> W_t)(concat(0, ctx'))``. Layer 0 of the image encoder gets
 ``Linear(W_t -> W_v)(ctx)`` appended after the patch tokens; in layers ``l = 1..depth-1`` the text stream's
 context slots are replaced by the deep prompt ``p_l`` and the image stream's prompt slots by
-``QLinear_l(2W_t -> W_v)(concat(p_l + b, 0))``. Attention layers ``0..lora_depth-1`` of both encoders get the
-coupled low-rank update. ``depth`` values are capped at the encoders' depth (9 in the paper).
+``QLinear_l(2W_t -> W_v)(concat(0, p_l + b))`` (zeros first, as the released ``trainer/maple.py``). Attention
+layers ``0..lora_depth-1`` of both encoders get the coupled low-rank update. ``depth`` values are capped at
+the encoders' depth (9 in the paper). ``variant="released"``: the released code's behaviours (config.py).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from .layers import CoupledLoRA, DomainBias, QuaternionLinear
 
 class GDPLPrompts(nn.Module):
     def __init__(self, ctx: Tensor, domain_dim: int, text_width: int, vision_width: int, depth: int,
-                 hidden: int, deep_std: float):
+                 hidden: int, deep_std: float, shared_deep_init: bool = False):
         super().__init__()
         n = ctx.shape[0]
         self.ctx = nn.Parameter(ctx)
@@ -36,6 +37,9 @@ class GDPLPrompts(nn.Module):
         self.q_text = QuaternionLinear(2 * text_width, text_width)
         self.deep_text = nn.Parameter(torch.randn(depth - 1, n, text_width) * deep_std)
         self.q_vision = nn.ModuleList([QuaternionLinear(2 * text_width, vision_width) for _ in range(depth - 1)])
+        if shared_deep_init:  # the released code deep-copies one initialised layer to every depth
+            for q in self.q_vision[1:]:
+                q.load_state_dict(self.q_vision[0].state_dict())
         self.shallow_vision = nn.Linear(text_width, vision_width)
 
 
@@ -58,12 +62,13 @@ class GDPLAdaptedModel(AdaptedModel):
         if ctx.shape[0] != config.n_ctx:  # a word of several BPE tokens
             raise AdapterError(f"the first {config.n_ctx} words of ctx_init must be one token each")
         self.prefix = config.ctx_init
+        self.released = config.variant == "released"
         self.domain = build_domain_encoder(config, loaded)
         self.adapter = nn.ModuleDict({
             "prompts": GDPLPrompts(ctx, self.domain.dim, wt, wv, config.prompt_depth, config.domain_hidden,
-                                   config.deep_prompt_std),
+                                   config.deep_prompt_std, shared_deep_init=self.released),
             "lora": CoupledLoRA(wt, wv, config.lora_depth, config.lora_rank, config.lora_alpha,
-                                config.out_lora_scale),
+                                config.out_lora_scale, frozen_coupling=self.released),
         })
 
     # -- pieces -------------------------------------------------------------------------------------------
@@ -73,13 +78,15 @@ class GDPLAdaptedModel(AdaptedModel):
         f_d = self.domain(images)
         b = p.domain_bias(f_d).unsqueeze(1)  # B x 1 x W_t
         ctx = p.ctx.unsqueeze(0) + b
-        if self.training and self.config.noise:
+        if self.config.noise and self.released:  # at test time too; one draw per image, the batch's mean
+            ctx = ctx + torch.randn_like(b) * f_d.mean()
+        elif self.config.noise and self.training:  # the paper: a training-time perturbation, per image
             ctx = ctx + torch.randn_like(ctx) * f_d.mean(dim=-1).view(-1, 1, 1)
         text_ctx = p.q_text(torch.cat([torch.zeros_like(ctx), ctx], dim=-1))
         vis = [p.shallow_vision(p.ctx).unsqueeze(0).expand(images.shape[0], -1, -1)]
         for layer, q in enumerate(p.q_vision, start=1):
             deep = p.deep_text[layer - 1].unsqueeze(0) + b
-            vis.append(q(torch.cat([deep, torch.zeros_like(deep)], dim=-1)))
+            vis.append(q(torch.cat([torch.zeros_like(deep), deep], dim=-1)))
         return {"text_ctx": text_ctx, "vision": vis}
 
     def _block_fn(self, tower: str, scales: Tensor) -> towers.BlockFn:
@@ -155,5 +162,5 @@ register(MethodSpec(
     description="GDPL: domain prompt learning with quaternion networks, hierarchical vision prompts and "
                 "coupled low-rank adaptation",
     defaults={"optimizer": "sgd", "lr": 0.0035, "weight_decay": 5e-4, "epochs": 15, "batch_size": 4,
-              "loss": "ce", "shots": 16},
+              "loss": "ce", "shots": 16, "schedule": "dassl", "augmentation": "dassl"},
 ))
