@@ -312,6 +312,12 @@ class SetupDialog(QDialog):
         else:
             self.reject()
 
+    def reject(self) -> None:  # Esc or the window's close button: a running step is killed, not orphaned
+        if self.running:
+            assert self.runner is not None
+            self.runner.cancel()
+        super().reject()
+
 
 def first_run_box(parent: Optional[QWidget], on_choice: Callable[[str], None]) -> QMessageBox:
     """Non-modal question shown when Start finds no backend Python: 'setup', 'connect' or 'cancel'."""

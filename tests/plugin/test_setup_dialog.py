@@ -57,3 +57,20 @@ def test_weights_download_offline_says_exactly_what_to_do(qgis_app, tmp_path, mo
     assert "https://huggingface.co/Zilun/GeoRSCLIP/resolve/main/ckpt/RS5M_ViT-B-32.pt" in said
     assert str(tmp_path / "weights" / "RS5M_ViT-B-32.pt") in said and "Log:" in said
     assert not (tmp_path / "weights" / "RS5M_ViT-B-32.pt").exists()
+
+
+def test_cancel_kills_the_running_step(qgis_app, tmp_path):
+    import time
+    from qgis_plugin.backend_setup import Step
+    from qgis_plugin.setup_dialog import StepRunner
+    runner = StepRunner([Step("slow", [sys.executable, "-c", "import time; print('started', flush=True); "
+                                                              "time.sleep(60)"]),
+                         Step("after", [sys.executable, "-c", "open(sys.argv[1], 'w')", str(tmp_path / "x")])],
+                        tmp_path / "c.log")
+    runner.start()
+    spin(lambda: "started" in runner.tail, 30)
+    t0 = time.monotonic()
+    runner.cancel()
+    spin(lambda: runner.done, 10)
+    assert time.monotonic() - t0 < 5 and not runner.ok and runner.message.startswith("Setup cancelled during 'slow'")
+    assert not (tmp_path / "x").exists()
