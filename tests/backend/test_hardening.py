@@ -105,7 +105,7 @@ def test_the_window_count_bound_holds():
 
 
 def test_class_embedding_work_honours_cancel(engine):
-    from backend.tasks.templates import get_templates
+    from backend.tasks.classify import class_vectors
     calls = []
 
     def progress(fraction, message):
@@ -113,7 +113,7 @@ def test_class_embedding_work_honours_cancel(engine):
         if len(calls) == 3:
             raise ProtocolError(ErrorCode.CANCELLED, "cancelled")
     with pytest.raises(ProtocolError):
-        engine.class_embeddings([f"class {i}" for i in range(200)], get_templates("georsclip"), progress=progress)
+        class_vectors(engine, [f"class {i}" for i in range(200)], {"templates": "georsclip"}, progress)
     assert len(calls) == 3  # stopped at the third class, not after 200
 
 
