@@ -379,6 +379,10 @@ def localize(engine: Engine, canvas: Union[np.ndarray, CanvasRef, None], params:
     """
     ref = canvas if isinstance(canvas, CanvasRef) else resolve_canvas(engine, canvas, params, mask)
     if params.get("selo_mode") == "reference":  # the original pipeline, step by step
+        if ref.valid is not None:
+            raise ProtocolError(ErrorCode.BAD_PARAMS, "selo_mode 'reference' runs the original SeLo pipeline, "
+                                "which has no notion of nodata: send no mask (and no alpha), or use selo_mode "
+                                "'fast'", {"param": "selo_mode"})
         from .selo_reference import localize_reference
         return localize_reference(engine, ref, params, progress)
     h, w = ref.height, ref.width

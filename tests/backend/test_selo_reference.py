@@ -151,3 +151,15 @@ def test_reference_mode_through_the_service(engine):
     again = service.handle(job({"canvas_id": first.result["canvas_id"]}, {}))
     np.testing.assert_array_equal(again.arrays["heatmaps"], first.arrays["heatmaps"])
     assert first.result["polygons"][0]["type"] == "FeatureCollection"
+
+
+def test_reference_mode_refuses_a_mask(engine):
+    """The original pipeline has no notion of nodata: a masked canvas is refused, not silently scored."""
+    from shared_protocol import ErrorCode, ProtocolError
+    canvas = _canvas(200, 200, seed=3)
+    mask = np.ones((200, 200), np.uint8)
+    mask[:, :50] = 0
+    with pytest.raises(ProtocolError) as err:
+        localize(engine, canvas, {"queries": ["q"], "window_sizes": [64], "selo_mode": "reference"}, _no_progress,
+                 mask=mask)
+    assert err.value.code == ErrorCode.BAD_PARAMS and err.value.details["param"] == "selo_mode"
