@@ -96,6 +96,7 @@ class MapQueryDock(QDockWidget):
         self._user_stopped = False
         self.search_hits: List[Dict[str, Any]] = []
         self.last_heatmap: Optional[str] = None
+        self._shut_down = False
         self._previous_tool: Any = None
         self._example_tool: Any = None
         self._search_crs = None
@@ -400,6 +401,8 @@ class MapQueryDock(QDockWidget):
     # -- backend status -----------------------------------------------------------------------------
     def poll(self) -> None:
         """Check the backend in a thread (never blocks the UI); also watch a backend the plugin owns."""
+        if self._shut_down:  # a poll queued before shutdown (e.g. the first one, at once after opening)
+            return
         self._watch_process()
         if self._probe is None:
             self._probe = self._pool.submit(probe, dataclasses.replace(self.manager.settings), 2.0)
@@ -765,6 +768,7 @@ class MapQueryDock(QDockWidget):
         canvas.refresh()
 
     def shutdown(self) -> None:
+        self._shut_down = True
         self.timer.stop()
         self.check_timer.stop()
         for task in list(self.tasks):
