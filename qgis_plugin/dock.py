@@ -98,6 +98,7 @@ class MapQueryDock(QDockWidget):
         self.first_run = FirstRun(self)  # no backend Python yet: set one up, or connect
         self.search_hits: List[Dict[str, Any]] = []
         self.last_heatmap: Optional[str] = None
+        self._shut_down = False
         self._previous_tool: Any = None
         self._example_tool: Any = None
         self._search_crs = None
@@ -402,6 +403,8 @@ class MapQueryDock(QDockWidget):
     # -- backend status -----------------------------------------------------------------------------
     def poll(self) -> None:
         """Check the backend in a thread (never blocks the UI); also watch a backend the plugin owns."""
+        if self._shut_down:  # a poll queued before shutdown (e.g. the first one, at once after opening)
+            return
         self._watch_process()
         if self._probe is None:
             self._probe = self._pool.submit(probe, dataclasses.replace(self.manager.settings), 2.0)
@@ -790,6 +793,7 @@ class MapQueryDock(QDockWidget):
         canvas.refresh()
 
     def shutdown(self) -> None:
+        self._shut_down = True
         self.timer.stop()
         self.check_timer.stop()
         for task in list(self.tasks):

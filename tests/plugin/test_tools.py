@@ -77,6 +77,19 @@ def contract_backend(req, skip_share=None):
     return [Reply.failure(req.id, req.op, ProtocolError(ErrorCode.UNKNOWN_OP, req.op))]
 
 
+def old_backend(refused):
+    """A backend that predates masks: it refuses min_valid and NAME_mask arrays as unknown, like today's schema
+    does for any parameter or array it does not know, and otherwise answers as the contract backend."""
+    def handle(req):
+        unknown = sorted([k for k in req.params if k == "min_valid"] or [k for k in req.arrays if k.endswith("_mask")])
+        if unknown:
+            refused.append(unknown)
+            kind = ErrorCode.BAD_PARAMS if "min_valid" in unknown else ErrorCode.BAD_ARRAY
+            return [Reply.failure(req.id, req.op, ProtocolError(kind, f"{req.op}: unknown {unknown}", unknown=unknown))]
+        return contract_backend(req)
+    return handle
+
+
 def run(processor, address, tmp_path):
     task = run_and_wait(MapQueryTask(processor, Settings(mode="connect", address=address, timeout_s=30, retries=0)),
                         timeout=60)
@@ -153,14 +166,16 @@ def test_a_backend_without_masks_still_gets_no_nodata_answers(qgis_app, raster, 
     path, valid, _ = raster
     cap = C.read_bands(QgsRasterLayer(path, "r"))
     keep, windows = kept(valid, 32)
-    with fake_server(contract_backend) as server:  # strict: today's protocol, no *_mask arrays
+    refused = []
+    with fake_server(old_backend(refused), strict=False) as server:
         cls = run(ClassifyProcessor(CaptureSource(cap), ClassifyParams(["a"], 32, batch=500), Common(tmp_path)),
                   server.address, tmp_path)
         heat = run(LocalizeProcessor(CaptureSource(cap), LocalizeParams(["q"]), Common(tmp_path)), server.address,
                    tmp_path)
-        assert len(server.refused) == 1  # refused once; the address is remembered
-        assert "unknown" in str(server.refused[0][1].details)
-        assert all("tiles_mask" not in r.arrays and "canvas_mask" not in r.arrays for r in server.requests)
+        assert refused == [["min_valid"]]  # refused once; the address is remembered
+        work = [r for r in server.requests if r.op != "ping"]
+        assert "tiles_mask" in work[0].arrays  # the first try carried the mask; then never again
+        assert all("tiles_mask" not in r.arrays and "canvas_mask" not in r.arrays for r in work[1:])
     assert sorted(r["tile"] for r in cls.rows) == keep
     assert any("does not take valid-pixel masks" in w for w in cls.warnings + heat.warnings)
     arr = gdal.Open(heat.layers[0].path).ReadAsArray()
