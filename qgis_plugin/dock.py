@@ -155,7 +155,8 @@ class MapQueryDock(QDockWidget):
         self.status_label.setWordWrap(True)
         self.model_label, self.device_label = QLabel("-"), QLabel("-")
         self.protocol_label, self.weights_label = QLabel("-"), QLabel("-")
-        self.weights_label.setWordWrap(True)
+        for label in (self.weights_label, self.device_label, self.model_label):  # long texts wrap in a narrow dock
+            label.setWordWrap(True)
         form.addRow("Status", self.status_label)
         form.addRow("Model", self.model_label)
         form.addRow("Weights", self.weights_label)
