@@ -1,7 +1,8 @@
 """``python -m backend``: serve a model, talk to a server, train, evaluate and reproduce published tables.
 
-Subcommands: serve, ping, classify, rank, localize, presets, demo, train, eval, params, reproduce. This module is the parser only: each module in ``backend/commands/`` that defines ``add_parser(subparsers)``
-adds its own subcommands (and nothing in ``commands/`` imports this module).
+Subcommands: serve, ping, classify, rank, localize, presets, demo, train, eval, params, reproduce. This
+module is the parser only: each module in ``backend/commands/`` that defines ``add_parser(subparsers)`` adds
+its own subcommands (and nothing in ``commands/`` imports this module).
 """
 from __future__ import annotations
 
