@@ -55,7 +55,7 @@ def test_train_then_eval_zeroshot_and_resume(colour_data, tmp_path, capsys):
     out_dir = tmp_path / "coop"
     argv = ["train", "--method", "coop", "--data", str(colour_data / "folder"), "--shots", "4", "--out", str(out_dir),
             "--epochs", "3", "--lr", "0.01", "--batch-size", "8", "--eval-templates", "simple", "--no-progress",
-            "--seed", "1", "--warmup-epochs", "0", "--json", *TINY]  # Dassl's schedule without its warm-up epoch
+            "--seed", "1", "--schedule", "steps", "--augmentation", "rs", "--json", *TINY]  # resume mechanics
     rc, out, _ = _run(argv[:-len(TINY)] + ["--stop-after-epoch", "1"] + TINY, capsys)
     assert rc == 0 and _last_json(out)["epochs"] == 1
     rc, out, err = _run(argv + ["--resume"], capsys)
