@@ -10,10 +10,10 @@ STAMP := $(VENV)/.installed
 PYTEST_FLAGS ?= -q
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: all venv system-deps test test-protocol test-backend test-plugin demo bench reliability plugin qgis clean help
+.PHONY: all venv system-deps lint test test-protocol test-backend test-plugin demo bench reliability plugin qgis clean help
 
 help:
-	@echo "make test    install what is missing (venv, Debian QGIS packages) and run every test"
+	@echo "make test    install what is missing (venv, Debian QGIS packages), lint (ruff) and run every test"
 	@echo "make demo    start a backend and run the main job (the plugin's code, headless) against it"
 	@echo "make bench   run the benchmarks in bench/"
 	@echo "make reliability  fault, load and fuzz figures"
@@ -45,7 +45,11 @@ system-deps:
 		echo "missing Debian packages; run: sudo apt-get install $(APT_PACKAGES)"; exit 1; \
 	fi
 
-test: venv system-deps test-protocol test-backend test-plugin
+test: venv system-deps lint test-protocol test-backend test-plugin
+
+# ruff (pyproject's [tool.ruff]: pyflakes, pycodestyle, bugbear at 120 columns) over every Python file
+lint: venv
+	$(VPY) -m ruff check .
 
 # The protocol runs under both interpreters: the venv (numpy 2) and QGIS's Python (numpy 1.24).
 test-protocol: venv system-deps

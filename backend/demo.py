@@ -27,7 +27,7 @@ def _start(preset: str):
     try:
         return start_server(["--model", preset, "--offline", "--device", "auto"]), preset
     except ServerStartError as exc:
-        reason = next((l for l in reversed(exc.output) if "cannot start" in l), str(exc))
+        reason = next((line for line in reversed(exc.output) if "cannot start" in line), str(exc))
         print(f"demo: {reason}", flush=True)
         print("demo: FALLBACK: the tiny random-weight test model (answers are meaningless, the plumbing is real)."
               " Put the weights where the message above says to get real answers.", flush=True)

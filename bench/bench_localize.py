@@ -136,7 +136,8 @@ def main() -> None:
             client.localize(canvas, [q])
             warm.append(time.perf_counter() - t)
     repeat = float(np.median(warm))
-    result.update(precision=precision_name, engine_cold_s=engine_cold, engine_repeat_s=engine_repeat, cold_s=cold, repeat_s=repeat,
+    result.update(precision=precision_name, engine_cold_s=engine_cold, engine_repeat_s=engine_repeat,
+                  cold_s=cold, repeat_s=repeat,
                   repeat_speedup=cold / repeat, target_repeat_speedup=30.0)
     print(f"  engine cold query ({precision_name:4}, smooth 251): {engine_cold:8.3f} s")
     print(f"  engine repeat query (same canvas)  : {engine_repeat:8.3f} s")

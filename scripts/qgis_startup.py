@@ -73,25 +73,27 @@ def _start():
     dock.localize_edit.setText(query)
     dock.tabs.setCurrentIndex(2)
 
-    def wait_connected(tries=[0]):
-        tries[0] += 1
+    tries = {"connect": 0, "done": 0}
+
+    def wait_connected():
+        tries["connect"] += 1
         if dock.info:
             _log("connected: " + dock.status_label.text())
             dock.run_tool("localize")
             QTimer.singleShot(300, wait_done)
-        elif tries[0] > 300:
+        elif tries["connect"] > 300:
             _finish(False, "backend not connected: " + dock.status_label.text())
         else:
             QTimer.singleShot(200, wait_connected)
 
-    def wait_done(tries=[0]):
-        tries[0] += 1
+    def wait_done():
+        tries["done"] += 1
         groups = [g for g in QgsProject.instance().layerTreeRoot().children() if isinstance(g, QgsLayerTreeGroup)]
         if groups:
             _log(f"group {groups[0].name()} added")
             iface.mapCanvas().refreshAllLayers()
             QTimer.singleShot(3000, shoot)
-        elif tries[0] > 600:
+        elif tries["done"] > 600:
             _finish(False, "no result layer after 120 s")
         else:
             QTimer.singleShot(200, wait_done)

@@ -213,7 +213,7 @@ class Client:
         (self.server_limits or self.limits).check_frames(frames)  # fail fast instead of being dropped
         with self._lock:
             last: Optional[ProtocolError] = None
-            for attempt in range(attempts):
+            for _attempt in range(attempts):
                 try:
                     reply = self._attempt(req, frames, timeout, on_progress, cancel)
                 except ProtocolError as exc:

@@ -87,7 +87,8 @@ def run_retrieval(args: argparse.Namespace) -> int:
         if not items:
             raise DataError(f"{args.data}: no images in split {args.split!r}")
         loaded, model = _model(args)
-        res = evaluate_retrieval(model, loaded.tokenizer, items, ImageLoader(loaded, cache=False).batch, args.batch_size)
+        res = evaluate_retrieval(model, loaded.tokenizer, items, ImageLoader(loaded, cache=False).batch,
+                                 args.batch_size)
     except (BackendError, ProtocolError) as exc:
         return fail(exc.message)
     except (DataError, ValueError, OSError) as exc:

@@ -151,7 +151,8 @@ def read_image_folder(root: PathLike, shots: Optional[int] = None, seed: int = 0
     train, held = [], []
     for label, c in enumerate(classes):
         paths = list(files[c])
-        picked = sorted(rng.sample(range(len(paths)), shots)) if shots and shots < len(paths) else list(range(len(paths)))
+        picked = (sorted(rng.sample(range(len(paths)), shots)) if shots and shots < len(paths)
+                  else list(range(len(paths))))
         train += [(paths[i], label) for i in picked]
         rest = [paths[i] for i in range(len(paths)) if i not in set(picked)]
         held += [(p, label) for p in rest[:held_out_per_class]]

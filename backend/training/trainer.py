@@ -306,7 +306,8 @@ class Trainer:
         adapter_path = save_adapter(self.out / "adapter.pt", model, extra=_jsonable(extra))
         self.model = model
         return {"adapter": str(adapter_path), "metrics": str(self.out / "metrics.jsonl"),
-                "history": self.history, "trainable_parameters": sum(p.numel() for _, p in model.adapter_named_parameters())}
+                "history": self.history,
+                "trainable_parameters": sum(p.numel() for _, p in model.adapter_named_parameters())}
 
 
 def _fmt(metrics: Dict[str, Any]) -> str:

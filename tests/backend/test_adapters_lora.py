@@ -33,7 +33,8 @@ def _explicit(tiny, a):
                 if "mlp" in a.config.targets:
                     for name in ("c_fc", "c_proj"):
                         lin = getattr(lblk.mlp, name)
-                        getattr(blk.mlp, name).weight += scale * lin.lora_B["default"].weight @ lin.lora_A["default"].weight
+                        getattr(blk.mlp, name).weight += (scale * lin.lora_B["default"].weight
+                                                          @ lin.lora_A["default"].weight)
     return ref
 
 

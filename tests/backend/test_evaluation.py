@@ -35,7 +35,8 @@ def test_recall_ranks_beyond_ten():
 
 
 def test_top1_and_georsclip_ensemble(tiny):
-    assert top1_accuracy(torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]]), torch.tensor([1, 0, 0])) == pytest.approx(200 / 3)
+    assert (top1_accuracy(torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]]), torch.tensor([1, 0, 0]))
+            == pytest.approx(200 / 3))
     templates = ["a {}.", "an image of {}."]
     encode = model_text_encoder(tiny.model, tiny.tokenizer)
     with torch.no_grad():
@@ -159,7 +160,8 @@ def _write(path, text):
 def test_air_slt_annotations(tmp_path):
     anno = [
         {"caption": "a ship in the harbour", "jpg_name": "12.jpg", "points": [[[1, 2], [3, 2], [3, 4], [1, 4]]]},
-        {"caption": "white storage tanks", "jpg_name": "12.jpg", "points": [[[5, 5], [6, 5], [6, 6]], [[7, 7], [8, 7], [8, 8]]]},
+        {"caption": "white storage tanks", "jpg_name": "12.jpg",
+         "points": [[[5, 5], [6, 5], [6, 6]], [[7, 7], [8, 7], [8, 8]]]},
         {"caption": "a bridge", "jpg_name": "13.jpg", "points": [[[0, 0], [1, 0], [1, 1]]]},
     ]
     path = _write(tmp_path / "anno.json", json.dumps(anno))

@@ -57,7 +57,7 @@ def test_precision_resolution(monkeypatch):
         resolve_precision("int4", CPU)
     # CUDA autocasts and keeps fp32 weights; auto falls back to fp16 where bf16 is missing
     for supported, dtype in ((True, torch.bfloat16), (False, torch.float16)):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: supported)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, supported=supported, **k: supported)
         p = resolve_precision("auto", CUDA)
         assert (p.autocast, p.weights) == (dtype, torch.float32)
     assert resolve_precision("fp16", CUDA).autocast == torch.float16

@@ -72,7 +72,7 @@ def test_image_folder_n_shot_sampling_is_seeded(colour_data):
     assert d1.classes == ["blue", "green", "red", "yellow"]
     assert d1.train == d2.train and d1.train != d3.train
     assert len(d1.train) == 12 and len(d1.held_out) == 16
-    assert sorted(l for _, l in d1.train) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert sorted(label for _, label in d1.train) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
     assert not {p for p, _ in d1.train} & {p for p, _ in d1.held_out}
     full = read_image_folder(colour_data / "folder")
     assert len(full.train) == 48 and not full.held_out
@@ -109,8 +109,8 @@ def test_short_training_improves_held_out(method, colour_data, tiny, tmp_path):
     key = "top1" if kind == "classes" else "mr"
     before, after = result["history"][0]["eval"][key], result["history"][-1]["eval"][key]
     assert after > before + 10, f"{method}: {key} {before:.1f} -> {after:.1f}"
-    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [l["epoch"] for l in lines] == list(range(kw["epochs"] + 1))
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in lines] == list(range(kw["epochs"] + 1))
     assert (tmp_path / "adapter.pt").is_file() and (tmp_path / "checkpoint.pt").is_file()
     if method == "mrs-adapter":
         assert cfg.resolved().loss == "hmmc" and set(lines[1]["loss_parts"]) == {"ii", "it", "tt"}

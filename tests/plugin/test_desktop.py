@@ -31,7 +31,8 @@ def test_desktop_dock_draws_a_heatmap(live_backend, data_dir, tmp_path):
     env.pop("QT_QPA_PLATFORM", None)  # the desktop draws on the virtual X server
     proc = subprocess.run(["xvfb-run", "-a", "-s", "-screen 0 1280x800x24", str(ROOT / "scripts" / "run_qgis.sh")],
                           env=env, capture_output=True, text=True, timeout=150)
-    assert result.exists(), f"QGIS wrote no result (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert result.exists(), (f"QGIS wrote no result (rc {proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     outcome = json.loads(result.read_text())
     assert outcome["ok"], outcome
     assert outcome["groups"] == ["MapQuery: localize: a river [RGB.byte, map view]"]

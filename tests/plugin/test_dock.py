@@ -111,7 +111,7 @@ def test_dock_shows_status_and_runs_the_three_tools(plugin, project, tmp_path):
         setup()
         seen = len(iface.bar.messages)
         dock.run_tool(tool)  # capture (asynchronous rendering), then a QgsTask; a message when it is done
-        spin(lambda: len(iface.bar.messages) > seen and dock.active is None)
+        spin(lambda seen=seen: len(iface.bar.messages) > seen and dock.active is None)
         assert iface.bar.messages[-1][1].startswith(tool)
         errors = [m for lvl, m in iface.bar.messages if lvl == Qgis.Critical]
         assert not errors, errors
@@ -145,8 +145,8 @@ def test_dock_shows_status_and_runs_the_three_tools(plugin, project, tmp_path):
     written = list(csv.DictReader(open(dock.export_class_table(str(tmp_path / "classes.csv")))))
     assert [(w["label"], int(w["tiles"])) for w in written] == [(r["label"], r["tiles"]) for r in dock.class_rows]
     assert sum(float(w["share"]) for w in written) == pytest.approx(1.0)
-    assert all(p.parent == (tmp_path / "outputs") for p in
-               [__import__("pathlib").Path(l.layer().source().split("|")[0]) for g in groups for l in g.findLayers()])
+    sources = [lyr.layer().source().split("|")[0] for g in groups for lyr in g.findLayers()]
+    assert all(__import__("pathlib").Path(s).parent == (tmp_path / "outputs") for s in sources)
     # the heatmap's regions at a threshold, from the dock
     got = []
     dock.threshold.setValue(0.5)
@@ -181,7 +181,7 @@ def test_dock_reads_raw_bands_in_a_background_task(plugin, project):
     seen = len(iface.bar.messages)
     dock.localize_edit.setText("a river")
     dock.run_tool("localize")
-    spin(lambda: len(iface.bar.messages) > seen and dock.active is None)
+    spin(lambda seen=seen: len(iface.bar.messages) > seen and dock.active is None)
     assert iface.bar.messages[-1][1].startswith("localize"), iface.bar.messages[-1]
 
 
@@ -362,6 +362,6 @@ def test_search_by_example_clicked_on_the_map(plugin, project):
     seen = len(iface.bar.messages)
     dock._example_tool.canvasClicked.emit(point, Qt.LeftButton)
     assert iface.canvas.mapTool() is not dock._example_tool  # one click, then the previous tool is back
-    spin(lambda: len(iface.bar.messages) > seen and dock.active is None)
+    spin(lambda seen=seen: len(iface.bar.messages) > seen and dock.active is None)
     assert iface.bar.messages[-1][1].startswith("search: like the tile at"), iface.bar.messages[-1]
     assert dock.search_hits[0]["tile"] == k and dock.search_hits[0]["score"] == pytest.approx(1.0, abs=1e-3)

@@ -101,7 +101,7 @@ def test_groups_are_named_after_the_query_and_never_merge(qgis_app, project, tmp
     root = project.layerTreeRoot()
     names = [c.name() for c in root.children() if isinstance(c, QgsLayerTreeGroup)]
     assert names == [GROUP_PREFIX + "localize: river (2)", GROUP_PREFIX + "localize: river"]
-    assert [l.name() for l in g1.findLayers()] == ["a"] and [l.name() for l in g2.findLayers()] == ["b"]
+    assert [lyr.name() for lyr in g1.findLayers()] == ["a"] and [lyr.name() for lyr in g2.findLayers()] == ["b"]
     assert len(project.mapLayers()) == 2
 
 

@@ -104,7 +104,7 @@ def test_localize_round_trip_is_georeferenced(qgis_app, project, tmp_path, live_
     outcome = run(localize(cap, ["river", "forest"], tmp_path), live_backend)
     assert len(outcome.layers) == 2
     group, heat_layers = add_outcome(outcome, project, opacity=0.7)
-    assert [l.name() for l in group.findLayers()] == ["heatmap: river", "heatmap: forest"]
+    assert [lyr.name() for lyr in group.findLayers()] == ["heatmap: river", "heatmap: forest"]
     for heat in heat_layers:
         assert heat.crs().authid() == authid and heat.renderer().type() == "singlebandpseudocolor"
         ds = gdal.Open(heat.source())

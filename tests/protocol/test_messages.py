@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared_protocol import OPS, PROTOCOL_VERSION, ErrorCode, ProtocolError, Reply, Request, decode_reply, decode_request
+from shared_protocol import (OPS, PROTOCOL_VERSION, ErrorCode, ProtocolError, Reply, Request, decode_reply,
+                             decode_request)
 from shared_protocol.ops import IMAGE_DTYPES
 from strategies import arrays_for, params_for
 

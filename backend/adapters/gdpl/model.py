@@ -127,7 +127,8 @@ class GDPLAdaptedModel(AdaptedModel):
                 p = deep[i - 1].unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype)
                 return torch.cat([x[:, :1], p, x[:, 1 + n:]], dim=1)
             return x
-        feats = towers.encode_text(self.clip, tokens.repeat(b, 1), self._block_fn("text", self.adapter["lora"].scales()),
+        feats = towers.encode_text(self.clip, tokens.repeat(b, 1),
+                                   self._block_fn("text", self.adapter["lora"].scales()),
                                    embeds=embeds, pre_block=pre_block)
         return feats.view(b, c, -1)
 
