@@ -15,7 +15,6 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from shared_protocol import ErrorCode, ProtocolError
-from shared_protocol.client import CANVAS_IDS
 
 from ..capture import Capture
 from ..errors import PluginError
@@ -186,38 +185,22 @@ class Wire:
 
     def localize(self, canvas: np.ndarray, mask: Optional[np.ndarray], params: Dict[str, Any],
                  progress: Tuple[float, float] = (0.0, 1.0)) -> Any:
-        """``localize`` on a canvas and its mask. Like ``Client.localize``, a canvas the server holds goes as its
-        ``canvas_id`` (here the id names the pixels and the mask together)."""
+        """``localize`` on a canvas and its mask through ``Client.localize``: a canvas the server holds goes as
+        its ``canvas_id`` (the id names the pixels and the mask together)."""
         kw = {"on_progress": self.fb.scaled(*progress), "cancel": self.fb.cancel}
         queries = params["queries"]
         rest = {k: v for k, v in params.items() if k != "queries"}
-        if all_valid(mask) or not self.masks_accepted():
-            if not all_valid(mask):
-                self._without_masks()
-            return self.client.localize(canvas, queries, **rest, **kw)
-        mask = np.ascontiguousarray(mask, dtype=np.uint8)
-        params = {**params, "min_valid": self.min_valid}
-        reuse = getattr(self.client, "reuse_canvas", False)
-        key = CANVAS_IDS.digest(canvas) + ":" + CANVAS_IDS.digest(mask) if reuse else None
-        known = CANVAS_IDS.get(self.address, key) if key else None
-        if known is not None:
+        if not all_valid(mask) and self.masks_accepted():
             try:
-                return self.client.request("localize", {**params, "canvas_id": known}, {}, **kw)
+                return self.client.localize(canvas, queries, **rest, min_valid=self.min_valid,
+                                            canvas_mask=np.ascontiguousarray(mask, dtype=np.uint8), **kw)
             except ProtocolError as exc:
-                if exc.code != ErrorCode.NOT_FOUND or exc.details.get("reason") != "canvas_unknown":
+                if not _refuses_masks(exc, ["canvas"]):
                     raise
-                CANVAS_IDS.forget(self.address, key)
-        try:
-            reply = self.client.request("localize", params, {"canvas": canvas, "canvas_mask": mask}, **kw)
-        except ProtocolError as exc:
-            if not _refuses_masks(exc, ["canvas"]):
-                raise
-            self._refused()
+                self._refused()
+        if not all_valid(mask):
             self._without_masks()
-            return self.client.localize(canvas, queries, **rest, **kw)
-        if key and reply.result.get("canvas_id"):
-            CANVAS_IDS.put(self.address, key, str(reply.result["canvas_id"]))
-        return reply
+        return self.client.localize(canvas, queries, **rest, **kw)
 
 
 # -- tiles --------------------------------------------------------------------------------------------
