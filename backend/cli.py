@@ -20,7 +20,7 @@ from shared_protocol import ProtocolError
 from shared_protocol.client import DEFAULT_ADDRESS, Client
 from shared_protocol.ops import DEFAULT_MAX_CANVAS_PIXELS
 
-TOKEN_ENV = "MAPQUERY_TOKEN"
+from .server import TOKEN_ENV  # the variable's name, written once
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
