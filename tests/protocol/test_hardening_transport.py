@@ -5,7 +5,6 @@ Each test reproduces one attack; on the server before the fix each one hung, kil
 import json
 import resource
 import socket
-import threading
 import time
 
 import numpy as np
@@ -120,7 +119,7 @@ def test_raise_fd_limit_lifts_the_soft_limit():
 
 def test_the_job_queue_is_capped_in_bytes(addr):
     service = SlowService()
-    with running_server(addr, service, max_queue_bytes=300_000) as server, Client(addr, timeout=20) as c:
+    with running_server(addr, service, max_queue_bytes=300_000), Client(addr, timeout=20) as c:
         sock = raw(addr)
         from shared_protocol import Request
         sock.send_multipart(Request("classify", "slow", {"classes": ["a"], "top_k": 30},
