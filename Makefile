@@ -16,7 +16,7 @@ help:
 	@echo "make test    install what is missing (venv, Debian QGIS packages), lint (ruff) and run every test"
 	@echo "make demo    start a backend and run the main job (the plugin's code, headless) against it"
 	@echo "make bench   run the benchmarks in bench/"
-	@echo "make reliability  fault, load and fuzz figures"
+	@echo "make reliability  fault, load, fuzz and attack figures (docs/reliability.md)"
 	@echo "make plugin  build dist/mapquery_rs.zip for QGIS's 'Install from ZIP'"
 	@echo "make qgis    open QGIS with the plugin and the sample raster"
 

@@ -99,7 +99,14 @@ def harden_router(router: zmq.Socket, handshake_s: float = 10.0, heartbeat_s: fl
 
 
 class ConnectionGuard:
-    """Counts the ROUTER's connections through its monitor, caps them and reaps idle ones."""
+    """Counts the ROUTER's connections through its monitor, caps them, reaps idle ones and cuts unfinished input.
+
+    The per-connection checks read ``TCP_INFO`` for every open connection; a scan is scheduled so that it takes
+    at most 1/``SCAN_SHARE`` of the main thread (every 50 ms with a few connections, less often with many).
+    """
+
+    MIN_INTERVAL_S = 0.05
+    SCAN_SHARE = 20
 
     def __init__(self, router: zmq.Socket, max_connections: int, idle_timeout_s: float,
                  max_message_bytes: int = 0, curve: bool = False):
@@ -113,23 +120,24 @@ class ConnectionGuard:
         self.evicted = 0
         self.reaped = 0
         self.cut_unfinished = 0
-        self._next_sweep = time.monotonic() + 1.0
+        self.scan_interval_s = self.MIN_INTERVAL_S
+        self._next_scan = time.monotonic() + self.MIN_INTERVAL_S
 
     def on_events(self) -> None:
-        """Drain the monitor; enforce the cap on each accepted connection."""
+        """Drain the monitor; then, over the cap, close the connections idle the longest, in one pass."""
         while True:
             try:
                 event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             fd = int(event.get("value", -1))
             if event["event"] == zmq.EVENT_ACCEPTED:
                 self.open[fd] = time.monotonic()
-                if len(self.open) > self.max_connections:
-                    self._evict_idlest()
             else:
                 self.open.pop(fd, None)
                 self.completed.pop(fd, None)
+        if len(self.open) > self.max_connections:
+            self._evict(len(self.open) - self.max_connections)
 
     def on_message(self, frames: Sequence[Any]) -> None:
         """Count a complete message against the connection it came from (ZeroMQ's ``SRCFD``)."""
@@ -139,53 +147,51 @@ class ConnectionGuard:
             return
         self.completed[fd] = self.completed.get(fd, 0) + wire_bytes(frames[1:], self.curve)
 
-    def cut_unfinished_input(self) -> None:
-        """Close a connection whose bytes received, less its complete messages, exceed the largest message
-        allowed: a multipart message that never ends (ZeroMQ would buffer it without limit, since its
-        queues count finished messages only)."""
-        if not self.max_message_bytes:
+    def _close(self, fd: int) -> bool:
+        self.open.pop(fd, None)
+        self.completed.pop(fd, None)
+        return hang_up(fd)
+
+    def _evict(self, count: int) -> None:
+        idle = {fd: idle_ms(fd) for fd in self.open}
+        # the longest idle by the kernel's clock first; without it (ipc://), the oldest connections
+        order = sorted(self.open, key=lambda fd: (idle[fd] if idle[fd] is not None else -1, -self.open[fd]),
+                       reverse=True)
+        closed = sum(self._close(fd) for fd in order[:count])
+        self.evicted += closed
+        log.warning("over %d connections: closed the %d idle longest", self.max_connections, closed)
+
+    def scan(self) -> None:
+        """When due: close connections idle over ``idle_timeout_s``, and connections whose bytes received,
+        less their complete messages, exceed the largest message allowed (a multipart message that never ends:
+        ZeroMQ would buffer it without limit, since its queues count finished messages only)."""
+        now = time.monotonic()
+        if now < self._next_scan:
             return
+        started = time.perf_counter()
+        idle_limit_ms = self.idle_timeout_s * 1000 if self.idle_timeout_s > 0 else None
         for fd in list(self.open):
             info = tcp_info(fd)
             if info is None:
                 continue
-            received = info[1]
+            idle, received = info
             unfinished = received - self.completed.get(fd, 0)
-            if unfinished > self.max_message_bytes + UNFINISHED_SLACK + received // 100:
-                self.open.pop(fd)
-                self.completed.pop(fd, None)
-                if hang_up(fd):
+            if idle_limit_ms is not None and idle > idle_limit_ms:
+                self.reaped += self._close(fd)
+            elif self.max_message_bytes and unfinished > (self.max_message_bytes + UNFINISHED_SLACK
+                                                          + received // 100):
+                if self._close(fd):
                     self.cut_unfinished += 1
                     log.warning("closed a connection sending %d bytes of unfinished message (limit %d)",
                                 unfinished, self.max_message_bytes)
+        cost = time.perf_counter() - started
+        self.scan_interval_s = max(self.MIN_INTERVAL_S, self.SCAN_SHARE * cost)
+        self._next_scan = now + self.scan_interval_s
 
-    def _evict_idlest(self) -> None:
-        idle = {fd: idle_ms(fd) for fd in self.open}
-        # the longest idle by the kernel's clock; without it (ipc://), the oldest connection
-        victim = max(self.open, key=lambda fd: (idle[fd] if idle[fd] is not None else -1, -self.open[fd]))
-        self.open.pop(victim)
-        if hang_up(victim):
-            self.evicted += 1
-            log.warning("over %d connections: closed the one idle longest", self.max_connections)
-
-    def sweep(self) -> None:
-        """Every second or so: close connections that received nothing for ``idle_timeout_s``."""
-        now = time.monotonic()
-        if now < self._next_sweep or self.idle_timeout_s <= 0:
-            return
-        self._next_sweep = now + 1.0
-        limit_ms = self.idle_timeout_s * 1000
-        for fd in list(self.open):
-            idle = idle_ms(fd)
-            if idle is not None and idle > limit_ms:
-                self.open.pop(fd)
-                if hang_up(fd):
-                    self.reaped += 1
-
-    def stats(self) -> Dict[str, int]:
+    def stats(self) -> Dict[str, Any]:
         return {"connections": len(self.open), "max_connections": self.max_connections,
                 "idle_timeout_s": int(self.idle_timeout_s), "evicted": self.evicted, "reaped": self.reaped,
-                "cut_unfinished": self.cut_unfinished}
+                "cut_unfinished": self.cut_unfinished, "scan_interval_ms": round(self.scan_interval_s * 1000, 1)}
 
     def close(self) -> None:
         self.monitor.close(linger=0)

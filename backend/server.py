@@ -83,7 +83,7 @@ class Service:
 
 SNDHWM = 8  # messages ZeroMQ queues for one peer before a send would block: beyond, the server's own backlog
 WATCHDOG_S = 0.5
-GUARD_S = 0.05  # how often unfinished input is measured (loopback at 1.5 GB/s: ~75 MB past the cap, at most)
+POLL_MS = 50  # the loop wakes at least this often (the connection guard's scans, the watchdog)
 
 
 @dataclass
@@ -220,7 +220,8 @@ class Server:
         self._worker = self._new_worker()
         self._current: Optional[Job] = None  # the job the worker is on
         self.started = time.time()
-        self.counts: Dict[str, int] = {"requests": 0, "errors": 0, "worker_restarts": 0, "replies_dropped": 0}
+        self.counts: Dict[str, int] = {"requests": 0, "errors": 0, "worker_restarts": 0, "replies_dropped": 0,
+                                       "skipped_unread": 0}
 
     # -- replies -----------------------------------------------------------------------------------
     def _push(self, peer: bytes, reply: Reply) -> None:
@@ -302,10 +303,10 @@ class Server:
         poller.register(self._outbox.read_fd, zmq.POLLIN)
         poller.register(self.connections.monitor, zmq.POLLIN)
         log.info("serving on %s", self.endpoint)
-        next_watch = next_guard = time.monotonic() + WATCHDOG_S
+        next_watch = time.monotonic() + WATCHDOG_S
         try:
             while not self._stop.is_set():
-                events = dict(poller.poll(int(GUARD_S * 1000)))
+                events = dict(poller.poll(POLL_MS))
                 if self._outbox.read_fd in events:
                     for frames in self._outbox.drain():  # forward everything the worker produced
                         self._send_frames(frames)
@@ -324,13 +325,10 @@ class Server:
                             log.error("unexpected error while handling a message:\n%s", traceback.format_exc())
                 if self._backlog or self._stalled:
                     self._flush_backlogs()
-                if time.monotonic() >= next_guard:
-                    next_guard = time.monotonic() + GUARD_S
-                    self.connections.cut_unfinished_input()
+                self.connections.scan()  # (when due: idle connections, unfinished input)
                 if time.monotonic() >= next_watch:
                     next_watch = time.monotonic() + WATCHDOG_S
                     self._watchdog()
-                    self.connections.sweep()
                     if self._curve is not None:
                         self._curve.reload()
         finally:
@@ -450,6 +448,7 @@ class Server:
         try:
             job.check_cancelled()
             if self.peer_is_stalled(job.peer):
+                self.counts["skipped_unread"] += 1
                 raise ProtocolError(ErrorCode.CANCELLED, "skipped: the client stopped reading its replies")
             return self.service.handle(job)
         except ProtocolError as exc:

@@ -300,7 +300,7 @@ def idle_connections(count: int = 2000, server: Optional[ServerProcess] = None, 
         return {"connections_opened": len(conns), "refused": refused, "open_s": round(opened_s, 2),
                 "server_cpu_percent_while_idle": round(100 * cpu, 1), "newcomer_ping_ms": ping,
                 "server_keeps": info["connections"], "max_connections": info["max_connections"],
-                "evicted": info["evicted"], "fd_limit": info["fd_limit"],
+                "evicted": info["evicted"], "fd_limit": info["fd_limit"], "scan_interval_ms": info["scan_interval_ms"],
                 "rss_mb": [round(before / 1024), round(rss_kb(server.proc.pid) / 1024)]}
     finally:
         for c in conns:
@@ -345,7 +345,8 @@ def non_reading_client(requests: int = 40, side: int = 2048, server: Optional[Se
     sock.close()
     ctx.term()
     result = {"requests": requests, "reply_mb_each": round(side * side * 4 / 2 ** 20, 1),
-              "replies_dropped": info["replies_dropped"], "rss_mb": [round(before / 1024), round(peak / 1024)],
+              "replies_dropped": info["replies_dropped"], "skipped_unread": info["skipped_unread"],
+              "rss_mb": [round(before / 1024), round(peak / 1024)],
               "ping_ms_max": max([p for p in pings if p is not None], default=None),
               "pings_unanswered": sum(p is None for p in pings), "seconds": round(time.perf_counter() - t, 1)}
     if own:
@@ -506,12 +507,14 @@ def run_attacks(args: argparse.Namespace, report: Dict[str, Any]) -> bool:
         report["idle_connections"] = ic = idle_connections(args.idle, server)
         print(f"  opened {ic['connections_opened']} in {ic['open_s']} s; server CPU while they sit "
               f"{ic['server_cpu_percent_while_idle']} %; the server keeps {ic['server_keeps']} (cap "
-              f"{ic['max_connections']}, {ic['evicted']} closed); a newcomer's ping {ic['newcomer_ping_ms']} ms; "
+              f"{ic['max_connections']}, {ic['evicted']} closed; scans every {ic['scan_interval_ms']} ms); a "
+              f"newcomer's ping {ic['newcomer_ping_ms']} ms; "
               f"RSS {ic['rss_mb'][0]} -> {ic['rss_mb'][1]} MB; fd limit {ic['fd_limit']}")
         ok &= ic["newcomer_ping_ms"] is not None and ic["server_keeps"] <= ic["max_connections"]
         print(f"== a client that never reads: {args.unread} localize requests", flush=True)
         report["non_reading_client"] = nr = non_reading_client(args.unread, server=server)
-        print(f"  {nr['requests']} replies of {nr['reply_mb_each']} MiB: {nr['replies_dropped']} dropped; RSS "
+        print(f"  {nr['requests']} replies of {nr['reply_mb_each']} MiB: {nr['replies_dropped']} dropped, "
+              f"{nr['skipped_unread']} requests skipped (their client had stopped reading); RSS "
               f"{nr['rss_mb'][0]} -> peak {nr['rss_mb'][1]} MB; others' pings at most {nr['ping_ms_max']} ms "
               f"({nr['pings_unanswered']} unanswered); {nr['seconds']} s")
         ok &= nr["pings_unanswered"] == 0
