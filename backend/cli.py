@@ -80,7 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not adapters and engine.base_model is not loaded.model:
             loaded.model = engine.base_model  # nothing else needs the fp32 weights: free them
         server = Server(ModelService(engine, limits, max_canvas_pixels=args.max_canvas_pixels,
-                                     adapter_info=adapter_info),
+                                     adapter_info=adapter_info, data_dirs=args.data_dir),
                         ServerConfig(bind=args.bind, token=token, limits=limits, max_queue=args.max_queue))
     except ProtocolError as exc:  # 'cannot start (REASON): ...' is what launchers (the plugin) read
         reason = exc.details.get("reason") or exc.code
@@ -321,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-array-mb", type=int, default=1024, help="largest array accepted, in MiB")
     p.add_argument("--max-canvas-pixels", type=int, default=DEFAULT_MAX_CANVAS_PIXELS,
                    help="largest canvas (height x width) accepted")
+    p.add_argument("--data-dir", action="append", default=[], metavar="DIR",
+                   help="a folder whose indexes and rasters remote clients may name (repeatable; loopback "
+                   "clients name their own paths)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ping", help="print a running server's info")

@@ -33,10 +33,11 @@ DEFAULT_BIND = "tcp://127.0.0.1:5555"
 class Job:
     """One queued or running long request, as the service sees it."""
 
-    def __init__(self, request: Request, peer: bytes, send: Callable[[bytes, Reply], None]):
+    def __init__(self, request: Request, peer: bytes, send: Callable[[bytes, Reply], None], local: bool = False):
         self.request = request
         self.peer = peer
         self._send = send
+        self.local = local  # the client is on this machine (loopback TCP, ipc): it may name its own paths
         self.cancelled = threading.Event()
         self._last_progress = 0.0
 
@@ -66,6 +67,17 @@ class Service:
 
     def close(self) -> None:
         pass
+
+
+def peer_is_local(bind: str, frame: Any) -> bool:
+    """Whether the client that sent ``frame`` is on this machine: an ipc/inproc bind, or a TCP peer address
+    on the loopback interface (ZeroMQ's ``Peer-Address`` message property). Unknown counts as remote."""
+    if bind.partition("://")[0] in ("ipc", "inproc"):
+        return True
+    try:
+        return ipaddress.ip_address(frame.get("Peer-Address").split("%")[0]).is_loopback
+    except Exception:
+        return False
 
 
 def is_loopback(address: str) -> bool:
@@ -195,7 +207,7 @@ class Server:
             self._send(peer, Reply.failure(exc.details.get("request_id"), exc.details.get("op"), exc))
             return
         try:
-            reply = self._dispatch(peer, request)
+            reply = self._dispatch(peer, request, peer_is_local(self.config.bind, frames[1]))
         except ProtocolError as exc:
             reply = Reply.failure(request.id, request.op, exc)
         except Exception as exc:
@@ -204,7 +216,7 @@ class Server:
         if reply is not None:
             self._send(peer, reply)
 
-    def _dispatch(self, peer: bytes, request: Request) -> Optional[Reply]:
+    def _dispatch(self, peer: bytes, request: Request, local: bool = False) -> Optional[Reply]:
         op = request.op
         if op == "ping":
             return Reply.ok(request.id, op, {"pong": True, "time": time.time()})
@@ -222,7 +234,7 @@ class Server:
             return Reply.ok(request.id, op, {"stopping": True})
         if not OPS[op].long_running:  # pragma: no cover - every op is handled above
             raise ProtocolError(ErrorCode.UNKNOWN_OP, f"{op} has no handler")
-        job = Job(request, peer, self._push)
+        job = Job(request, peer, self._push, local)
         with self._jobs_lock:
             self._jobs[(peer, request.id)] = job
         try:

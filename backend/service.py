@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ class ModelService(Service):
 
     def __init__(self, engine: Engine, limits: Limits = DEFAULT_LIMITS,
                  max_canvas_pixels: int = DEFAULT_MAX_CANVAS_PIXELS,
-                 adapter_info: Optional[Dict[str, Dict[str, Any]]] = None):
+                 adapter_info: Optional[Dict[str, Dict[str, Any]]] = None, data_dirs: Sequence[str] = ()):
         self.engine = engine
         self.limits = limits
         self.max_canvas_pixels = max_canvas_pixels
@@ -58,6 +58,9 @@ class ModelService(Service):
             "embed": self._run(rank_task.embed),
             "localize": self._localize,
         }
+        from .index.service import IndexOps  # the index operations (backend/index)
+        self.index_ops = IndexOps(engine, data_dirs)
+        self.handlers.update(self.index_ops.handlers())
 
     def info(self) -> Dict[str, Any]:
         loaded = self.engine.loaded
