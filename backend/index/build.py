@@ -151,8 +151,9 @@ def prefetch(items: Iterable[Any], depth: int = PREFETCH) -> Iterator[Any]:
     end = object()
 
     def run() -> None:
+        it = iter(items)
         try:
-            for item in items:
+            for item in it:
                 while not stop.is_set():
                     try:
                         q.put(item, timeout=0.1)
@@ -164,6 +165,10 @@ def prefetch(items: Iterable[Any], depth: int = PREFETCH) -> Iterator[Any]:
             q.put(end)
         except BaseException as exc:
             q.put(exc)
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()  # in this thread: a generator holding a rasterio dataset must end where it began
 
     thread = threading.Thread(target=run, name="index-reader", daemon=True)
     thread.start()
