@@ -41,6 +41,9 @@ SPECIAL = {
     "target": st.text(alphabet=string.hexdigits, min_size=1, max_size=32),
     "canvas_id": st.text(alphabet="0123456789abcdef", min_size=1, max_size=64),
     "protocol": st.just(1),
+    "examples": st.just({"type": "Polygon", "coordinates": [[[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]]}),
+    "negatives": st.just({"type": "FeatureCollection", "features": []}),
+    "extent": st.tuples(st.floats(-180, 0), st.floats(-90, 0), st.floats(0, 180), st.floats(0, 90)).map(list),
 }
 
 
