@@ -273,3 +273,19 @@ def test_bad_index_folders_and_queries(tmp_path, eng, ckpt):
     assert _reason(err) == "index_half_written"
     (tmp_path / "i" / MANIFEST).write_text(json.dumps(manifest))  # restored: the rows are all there
     assert IndexStore.open(tmp_path / "i").row_count() == store.row_count()
+
+
+def test_large_tables_get_an_ivf_index_and_search_it_like_exact(tmp_path, eng, monkeypatch):
+    from backend.index import layout
+    monkeypatch.setattr(layout, "ANN_MIN_ROWS", 100)
+    a = write_raster(tmp_path / "a.tif", height=300, width=320, seed=15, blank_rows=0)
+    rep = build_index(eng, tmp_path / "i", [str(a)], WindowSettings((32,), CROP, 0.5))
+    store = IndexStore.open(tmp_path / "i")
+    assert rep["ann"] and store.has_ann() and rep["rows"] >= 100
+    want = expected_windows(eng, a, sizes=(32,))
+    keys = list(want)
+    q = query_vector(eng, store, Query(texts=["a harbour"])).vector
+    exact = np.stack([want[k] for k in keys]) @ q
+    rows = search(store, q, 20)  # every partition probed (fewer than nprobes), candidates re-ranked exactly
+    assert [(r["size"], *r["window"]) for r in rows] == [keys[i] for i in np.argsort(-exact)[:20]]
+    np.testing.assert_allclose([r["score"] for r in rows], np.sort(exact)[::-1][:20], atol=1e-5)
