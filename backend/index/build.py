@@ -50,9 +50,13 @@ class RasterPlan:
                 "skipped_nodata": skipped, "warnings": self.info.warnings}
 
 
-def plan_rasters(store: IndexStore, paths: Sequence[str]) -> List[RasterPlan]:
-    """Check every raster (a bad one raises before anything is written) and decide what each needs."""
-    infos = [open_raster(p, with_hash=False) for p in dict.fromkeys(os.path.abspath(p) for p in paths)]
+def check_rasters(paths: Sequence[str]) -> List[RasterInfo]:
+    """Open and check every raster (each once): a bad one raises before anything is created or written."""
+    return [open_raster(p, with_hash=False) for p in dict.fromkeys(os.path.abspath(p) for p in paths)]
+
+
+def plan_rasters(store: IndexStore, infos: Sequence[RasterInfo]) -> List[RasterPlan]:
+    """Decide what each checked raster needs: nothing (unchanged), a new or a replacing build."""
     done = {r["raster"]: r for r in store.raster_rows()}
     plans = []
     for info in infos:
@@ -204,9 +208,10 @@ def build_index(engine: Engine, path: os.PathLike, rasters: Sequence[str], setti
     """
     started = time.perf_counter()
     identity = model_identity(engine, adapter)
+    infos = check_rasters(rasters)
     store = IndexStore.create_or_open(path, identity, settings, create)
     with store.writing():
-        plans = plan_rasters(store, rasters)
+        plans = plan_rasters(store, infos)
         for plan in plans:
             if plan.status != "unchanged":
                 prepare(store, plan)

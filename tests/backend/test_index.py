@@ -198,6 +198,9 @@ def test_bad_rasters_are_refused_and_nothing_indexed_is_lost(tmp_path, eng):
             build_index(eng, tmp_path / "i", [str(good), str(path)])
         assert _reason(err) == reason, path
         assert IndexStore.open(tmp_path / "i").row_count() == before
+    with pytest.raises(ProtocolError):
+        build_index(eng, tmp_path / "new", [str(nocrs)], SETTINGS)
+    assert not (tmp_path / "new").exists()  # a refused build creates nothing
 
 
 def test_awkward_rasters_index_with_warnings(tmp_path, eng):
