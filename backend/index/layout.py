@@ -257,6 +257,13 @@ class IndexStore:
             os.close(fd)
 
     # -- reading ------------------------------------------------------------------------------------
+    def _table(self) -> Any:
+        """The windows table, or a typed error for an index whose first build stopped before any commit."""
+        if self.windows is None:
+            raise bad(INDEX_HALF_WRITTEN, f"{self.path} holds no windows yet: its first build stopped before "
+                      "committing any; run the build again", path=str(self.path))
+        return self.windows
+
     def row_count(self) -> int:
         return 0 if self.windows is None else int(self.windows.count_rows())
 
@@ -268,21 +275,22 @@ class IndexStore:
 
     def stored_ids(self, raster_id: str) -> Set[str]:
         """Ids of the windows of one raster version already stored (to resume a build)."""
-        t = self.windows.search().where(f"raster_id = {sql_str(raster_id)}").select(["id"]).limit(None).to_arrow()
+        t = self._table().search().where(f"raster_id = {sql_str(raster_id)}").select(["id"]).limit(None).to_arrow()
         return set(t["id"].to_pylist())
 
     def scan(self, where: Optional[str], columns: Sequence[str]) -> pa.Table:
-        q = self.windows.search()
+        q = self._table().search()
         if where:
             q = q.where(where)
         return q.select(list(columns)).limit(None).to_arrow()
 
     def has_ann(self) -> bool:
-        return any("vector" in list(getattr(i, "columns", [])) for i in self.windows.list_indices())
+        return self.windows is not None and any("vector" in list(getattr(i, "columns", []))
+                                                for i in self.windows.list_indices())
 
     def search(self, vector: np.ndarray, k: int, where: Optional[str], columns: Sequence[str]) -> pa.Table:
         """The ``k`` rows of largest dot product with ``vector`` (a ``score`` column), among rows ``where``."""
-        q = self.windows.search(np.asarray(vector, np.float32), vector_column_name="vector").metric("dot")
+        q = self._table().search(np.asarray(vector, np.float32), vector_column_name="vector").metric("dot")
         if self.has_ann():
             q = q.nprobes(ANN_NPROBES).refine_factor(ANN_REFINE)
         if where:

@@ -276,6 +276,12 @@ def test_bad_index_folders_and_queries(tmp_path, eng, ckpt):
     assert _reason(err) == "index_half_written"
     (tmp_path / "i" / MANIFEST).write_text(json.dumps(manifest))  # restored: the rows are all there
     assert IndexStore.open(tmp_path / "i").row_count() == store.row_count()
+    (tmp_path / "j").mkdir()  # killed after writing index.json, before any table: searching says so
+    (tmp_path / "j" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ProtocolError) as err:
+        search(IndexStore.open(tmp_path / "j"), np.ones(manifest["dim"], np.float32), 3)
+    assert _reason(err) == "index_half_written"
+    assert build_index(eng, tmp_path / "j", [str(a)])["rows"] == store.row_count()  # and a build completes it
 
 
 def test_large_tables_get_an_ivf_index_and_search_it_like_exact(tmp_path, eng, monkeypatch):
