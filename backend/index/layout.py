@@ -40,7 +40,8 @@ ANN_MIN_ROWS = 65_536  # below: exact (flat) search; from here: an IVF index wit
 ANN_NPROBES = 32
 ANN_REFINE = 10
 KEEP_VERSIONS = dt.timedelta(minutes=10)
-os.environ.setdefault("LANCE_LOG", "error")  # lance's Rust log (e.g. 'No existing dataset ... will be created')
+for _var in ("LANCE_LOG", "LANCEDB_LOG"):  # lance's Rust log ('No existing dataset ... will be created')
+    os.environ.setdefault(_var, "error")
 
 
 @dataclass(frozen=True)
