@@ -189,7 +189,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         for r in result["rasters"]:
             print(f"{r['raster']}: {r['status']}, {r['windows']} windows ({r['added']} added, "
                   f"{r['skipped_nodata']} left out as nodata)")
-        print(f"{result['index']}: {result['rows']} windows" + (" (IVF-PQ index)" if result.get("ann") else "")
+        print(f"{result['index']}: {result['rows']} windows" + (" (IVF index)" if result.get("ann") else "")
               + f" in {result['elapsed_s']:.1f} s")
     return 0
 
@@ -235,7 +235,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         m = result["model"]
         print(f"{result['path']}: format {result['format_version']}, {result['rows']} windows"
-              + (" (IVF-PQ index)" if result["ann"] else ""))
+              + (" (IVF index)" if result["ann"] else ""))
         print(f"  model {m['name']} ({m['arch']}, {m['embed_dim']}-d), adapter {m.get('adapter')}, "
               f"weights {m['weights']}")
         print(f"  windows {result['windows']}")
