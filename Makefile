@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 			&& $(PYTHON) -m venv $(VENV); \
 		else echo "cannot create a venv: install python3-venv"; exit 1; fi; }
 	$(VPY) -m pip install --quiet --upgrade pip
-	$(VPY) -m pip install --quiet -e '.[dev]'
+	$(VPY) -m pip install --quiet -e '.[dev,scale]'
 	@touch $(STAMP)
 
 # QGIS's own Python with pyzmq, pytest and hypothesis (Debian packages), installed when missing.

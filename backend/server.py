@@ -41,10 +41,11 @@ DEFAULT_BIND = DEFAULT_ADDRESS
 class Job:
     """One queued or running long request, as the service sees it."""
 
-    def __init__(self, request: Request, peer: bytes, send: Callable[[bytes, Reply], None]):
+    def __init__(self, request: Request, peer: bytes, send: Callable[[bytes, Reply], None], local: bool = False):
         self.request = request
         self.peer = peer
         self._send = send
+        self.local = local  # the client is on this machine (loopback TCP, ipc): it may name its own paths
         self.cancelled = threading.Event()
         self.size = 0  # bytes of the request (its share of the queue's byte cap)
         self._last_progress = 0.0
@@ -84,6 +85,17 @@ class Service:
 SNDHWM = 8  # messages ZeroMQ queues for one peer before a send would block: beyond, the server's own backlog
 WATCHDOG_S = 0.5
 POLL_MS = 50  # the loop wakes at least this often (the connection guard's scans, the watchdog)
+
+
+def peer_is_local(bind: str, frame: Any) -> bool:
+    """Whether the client that sent ``frame`` is on this machine: an ipc/inproc bind, or a TCP peer address
+    on the loopback interface (ZeroMQ's ``Peer-Address`` message property). Unknown counts as remote."""
+    if bind.partition("://")[0] in ("ipc", "inproc"):
+        return True
+    try:
+        return ipaddress.ip_address(frame.get("Peer-Address").split("%")[0]).is_loopback
+    except Exception:
+        return False
 
 
 @dataclass
@@ -358,7 +370,7 @@ class Server:
             self._send(peer, Reply.failure(exc.details.get("request_id"), exc.details.get("op"), exc))
             return
         try:
-            reply = self._dispatch(peer, request, _frames_bytes(body), _peer_is_remote(body[0]))
+            reply = self._dispatch(peer, request, _frames_bytes(body), peer_is_local(self.config.bind, body[0]))
         except ProtocolError as exc:
             reply = Reply.failure(request.id, request.op, exc)
         except Exception as exc:
@@ -367,12 +379,12 @@ class Server:
         if reply is not None:
             self._send(peer, reply)
 
-    def _dispatch(self, peer: bytes, request: Request, size: int, remote: bool = False) -> Optional[Reply]:
+    def _dispatch(self, peer: bytes, request: Request, size: int, local: bool = False) -> Optional[Reply]:
         op = request.op
         if op == "ping":
             return Reply.ok(request.id, op, {"pong": True, "time": time.time()})
         if op in ("hello", "info"):
-            return Reply.ok(request.id, op, self.info(remote=remote))
+            return Reply.ok(request.id, op, self.info(remote=not local))
         if op == "cancel":
             target = request.params["target"]
             with self._jobs_lock:
@@ -386,7 +398,7 @@ class Server:
         if not OPS[op].long_running:  # pragma: no cover - every op is handled above
             raise ProtocolError(ErrorCode.UNKNOWN_OP, f"{op} has no handler")
         self.service.admit(request)  # too_large before queueing, when its peak memory is over the budget
-        job = Job(request, peer, self._push)
+        job = Job(request, peer, self._push, local)
         job.size = size
         with self._jobs_lock:
             if self._queued_bytes + size > self.config.max_queue_bytes:
@@ -486,18 +498,6 @@ class Server:
                 break
         self._queue.put(None)
         self._worker.join(timeout=30)
-
-
-def _peer_is_remote(frame: Any) -> bool:
-    """Whether a message came from another machine (ZeroMQ's Peer-Address; ipc:// and inproc have none)."""
-    try:
-        address = frame.get("Peer-Address")
-    except (zmq.ZMQError, AttributeError, TypeError):
-        return False
-    try:
-        return not ipaddress.ip_address(address.split("%")[0]).is_loopback
-    except ValueError:
-        return True
 
 
 def _fd_limit() -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -99,7 +99,8 @@ class ModelService(Service):
 
     def __init__(self, engine: Engine, limits: Limits = DEFAULT_LIMITS,
                  max_canvas_pixels: int = DEFAULT_MAX_CANVAS_PIXELS,
-                 adapter_info: Optional[Dict[str, Dict[str, Any]]] = None, memory_budget: Optional[int] = None):
+                 adapter_info: Optional[Dict[str, Dict[str, Any]]] = None, memory_budget: Optional[int] = None,
+                 data_dirs: Sequence[str] = ()):
         self.engine = engine
         self.limits = limits
         self.memory_budget = default_memory_budget() if memory_budget is None else int(memory_budget)
@@ -111,6 +112,9 @@ class ModelService(Service):
             "embed": self._run(rank_task.embed),
             "localize": self._localize,
         }
+        from .index.service import IndexOps  # the index operations (backend/index)
+        self.index_ops = IndexOps(engine, data_dirs)
+        self.handlers.update(self.index_ops.handlers())
 
     def info(self, remote: bool = False) -> Dict[str, Any]:
         loaded = self.engine.loaded

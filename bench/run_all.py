@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["bench_server.py", "bench_localize.py"]
+BENCHES = ["bench_server.py", "bench_localize.py", "bench_index.py"]  # bench_index.py: build only by default
 
 if __name__ == "__main__":
     failed = 0

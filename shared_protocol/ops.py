@@ -197,5 +197,64 @@ EMBED = OpSpec(
     long_running=True,
 )
 
+# -- the index (backend/index): windows of whole rasters embedded once, searched without the pixels -------
+def _extent(value) -> Optional[str]:
+    return None if len(value) == 4 and value[0] <= value[2] and value[1] <= value[3] else \
+        "must be [xmin, ymin, xmax, ymax]"
+
+
+INDEX_REF = Param("index", "str", required=True, max_len=4096,
+                  doc="an index: the name the server gave it (index_info) or its folder")
+INDEX_WINDOW_SIZES = (256, 512, 768)  # the default window sizes of a new index
+
+INDEX_BUILD = OpSpec(
+    "index_build",
+    "Index rasters (GeoTIFF, COG, VRT) into an index folder: windows embedded once, stored with footprints. "
+    "Incremental and resumable: complete unchanged rasters are skipped, changed ones replaced, a cancelled or "
+    "killed build resumes where it stopped.",
+    params=(
+        INDEX_REF,
+        Param("rasters", "str_list", required=True, min_len=1, max_len=100000, doc="raster files"),
+        Param("window_sizes", "int_list", nullable=True, min_len=1, max_len=8, min=8, max=65536,
+              doc="window sizes in raster pixels (a new index: default 256, 512, 768; null: the index's)"),
+        Param("crop_size", "int", nullable=True, min=8, max=4096, doc="windows are resized to this first (256)"),
+        Param("min_valid", "float", nullable=True, min=0.0, max=1.0,
+              doc="windows with a smaller share of valid pixels are left out (0.5)"),
+        Param("create", "bool", default=True, doc="create the index when missing (false: add to an existing one)"),
+        ADAPTER,
+    ),
+    long_running=True,
+)
+
+INDEX_SEARCH = OpSpec(
+    "index_search",
+    "Search an index by texts, image chips and/or example polygons (minus negatives): the top-k windows, and "
+    "optionally score surfaces (GeoTIFF bytes), from the stored embeddings alone.",
+    params=(
+        INDEX_REF,
+        Param("texts", "str_list", nullable=True, max_len=64, check=_texts),
+        Param("negative_texts", "str_list", nullable=True, max_len=64, check=_texts),
+        Param("examples", "dict", nullable=True, doc="GeoJSON (geometry, Feature or FeatureCollection) of positives"),
+        Param("negatives", "dict", nullable=True, doc="GeoJSON of negative examples"),
+        Param("examples_crs", "str", default="EPSG:4326", max_len=20000, doc="CRS of examples and negatives"),
+        Param("exclude_examples", "bool", default=True, doc="leave the examples' own windows out of the results"),
+        TOP_K,
+        Param("extent", "float_list", nullable=True, check=_extent, doc="only windows meeting this box"),
+        Param("extent_crs", "str", default="EPSG:4326", max_len=20000),
+        Param("surface", "bool", default=False, doc="also return score surfaces (surface_i GeoTIFF bytes)"),
+        Param("surface_raster", "str", nullable=True, max_len=4096, doc="only this raster's surface"),
+        Param("surface_max_size", "int", default=4096, min=16, max=65536, doc="long side of a surface (px)"),
+    ),
+    arrays=(ArraySpec("images", IMAGE_DTYPES, (4,), required=False, doc="image chips (N x H x W x C) as positives"),),
+    long_running=True,
+)
+
+INDEX_INFO = OpSpec(
+    "index_info",
+    "The indexes open on the server (no 'index'), or one index's model, window settings, rasters and size.",
+    params=(Param("index", "str", nullable=True, max_len=4096),),
+    long_running=True,
+)
+
 OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (
-    HELLO, INFO, PING, CANCEL, SHUTDOWN, CLASSIFY, RANK, LOCALIZE, EMBED)}
+    HELLO, INFO, PING, CANCEL, SHUTDOWN, CLASSIFY, RANK, LOCALIZE, EMBED, INDEX_BUILD, INDEX_SEARCH, INDEX_INFO)}

@@ -44,6 +44,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-array-mb", type=int, default=1024, help="largest array accepted, in MiB")
     p.add_argument("--max-canvas-pixels", type=int, default=DEFAULT_MAX_CANVAS_PIXELS,
                    help="largest canvas (height x width) accepted")
+    p.add_argument("--data-dir", action="append", default=[], metavar="DIR",
+                   help="a folder whose indexes and rasters remote clients may name (repeatable; loopback "
+                   "clients name their own paths)")
     p.set_defaults(func=run)
 
 
@@ -78,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
             loaded.model = engine.base_model  # nothing else needs the fp32 weights: free them
         budget = args.memory_budget_mb << 20 if args.memory_budget_mb is not None else None
         server = Server(ModelService(engine, limits, max_canvas_pixels=args.max_canvas_pixels,
-                                     adapter_info=adapter_info, memory_budget=budget), config)
+                                     adapter_info=adapter_info, memory_budget=budget,
+                                     data_dirs=args.data_dir), config)
     except (BackendError, ProtocolError) as exc:  # 'cannot start (REASON): ...' is what launchers read
         exc = protocol_error(exc)
         reason = exc.details.get("reason") or exc.code

@@ -44,6 +44,9 @@ SPECIAL = {
     "crs": st.sampled_from(["EPSG:32618", "EPSG:4326", "OGC:CRS84",
                             'GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID["WGS 84",6378137,298.257223563]],'
                             'PRIMEM["Greenwich",0],UNIT["degree",0.0174532925199433]]']),
+    "examples": st.just({"type": "Polygon", "coordinates": [[[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]]}),
+    "negatives": st.just({"type": "FeatureCollection", "features": []}),
+    "extent": st.tuples(st.floats(-180, 0), st.floats(-90, 0), st.floats(0, 180), st.floats(0, 90)).map(list),
 }
 
 
