@@ -11,6 +11,7 @@ import torch
 from shared_protocol import ErrorCode, Limits, ProtocolError, Reply
 from shared_protocol.framing import DEFAULT_LIMITS
 
+from .adapt.store import adapter_summary
 from .engine import Engine, cpu_name
 from .server import Job, Service
 from .tasks import classify as classify_task
@@ -24,7 +25,7 @@ from .tasks.templates import TEMPLATE_SETS
 log = logging.getLogger("backend.service")
 Handler = Callable[[Engine, Dict[str, Any], Dict[str, np.ndarray], Callable[[float, str], None]],
                    Tuple[Dict[str, Any], Dict[str, np.ndarray]]]
-from shared_protocol.ops import DEFAULT_MAX_CANVAS_PIXELS
+from shared_protocol.ops import ADAPT_METHODS, DEFAULT_MAX_CANVAS_PIXELS
 
 
 def uniform_image_warnings(arrays: Dict[str, np.ndarray]) -> list:
@@ -47,8 +48,9 @@ class ModelService(Service):
 
     def __init__(self, engine: Engine, limits: Limits = DEFAULT_LIMITS,
                  max_canvas_pixels: int = DEFAULT_MAX_CANVAS_PIXELS,
-                 adapter_info: Optional[Dict[str, Dict[str, Any]]] = None):
+                 adapter_info: Optional[Dict[str, Dict[str, Any]]] = None, adapter_store=None):
         self.engine = engine
+        self.adapter_store = adapter_store  # backend.adapt.store.AdapterStore: where 'train' saves (None: nowhere)
         self.limits = limits
         self.max_canvas_pixels = max_canvas_pixels
         self.adapter_info = dict(adapter_info or {})
@@ -57,6 +59,7 @@ class ModelService(Service):
             "rank": self._run(rank_task.rank),
             "embed": self._run(rank_task.embed),
             "localize": self._localize,
+            "train": self._train,
         }
 
     def info(self) -> Dict[str, Any]:
@@ -67,7 +70,8 @@ class ModelService(Service):
                   "adapter_precision": self.engine.adapter_precision}
         return {
             "model": loaded.describe(),
-            "adapters": [{"name": n, **meta} for n, meta in sorted(self.adapter_info.items())],
+            "adapters": [{"name": n, **adapter_summary(meta)} for n, meta in sorted(self.adapter_info.items())],
+            "adapter_dir": str(self.adapter_store.root) if self.adapter_store is not None else None,
             "device": device,
             "capabilities": {
                 "operations": sorted(self.handlers),
@@ -75,6 +79,7 @@ class ModelService(Service):
                 "class_presets": CLASS_PRESETS,
                 "model_presets": sorted(PRESETS),
                 "ensembles": ["georsclip", "openclip"],
+                "adapt_methods": list(ADAPT_METHODS),
                 "image_dtypes": ["uint8", "uint16"],
                 "max_canvas_pixels": self.max_canvas_pixels,
                 "localize_outputs": ["heatmaps", "geotiff", "polygons"],
@@ -117,6 +122,10 @@ class ModelService(Service):
             result, arrays = task(self.engine, job.request.params, job.request.arrays, job.progress)
             return Reply.ok(job.request.id, job.request.op, result, arrays)
         return run
+
+    def _train(self, job: Job) -> Reply:
+        from .adapt.job import run_train
+        return run_train(self.engine, self.adapter_store, self.adapter_info, job)
 
     def _localize(self, job: Job) -> Reply:
         params = job.request.params

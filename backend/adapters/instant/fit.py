@@ -1,0 +1,108 @@
+"""Fitting the instant methods from embeddings: closed-form cache, grid-tuned blend, L-BFGS probe.
+
+Inputs are float tensors of L2-normalised image embeddings (N x D), labels (N,) and the zero-shot class
+vectors (C x D). Hyper-parameters are chosen on the validation examples (best accuracy, then lowest
+cross-entropy); without validation examples, on the training examples left out one group at a time.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LOGIT_SCALE = 100.0
+ALPHAS = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 300.0, 1000.0)
+BETAS = (0.5, 1.0, 2.0, 3.5, 5.5, 8.0, 12.0, 20.0, 35.0, 60.0, 100.0, 200.0, 400.0)
+REGS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def _score(logits: Tensor, labels: Tensor) -> Tuple[float, float]:
+    """(accuracy, -cross-entropy): larger is better, compared as a tuple."""
+    acc = float((logits.argmax(dim=1) == labels).float().mean())
+    return acc, -float(F.cross_entropy(logits, labels))
+
+
+def cache_terms(feats: Tensor, keys: Tensor, values: Tensor, text: Tensor) -> Tuple[Tensor, Tensor]:
+    """(zero-shot logits N x C, cosine to the cache N x K)."""
+    return LOGIT_SCALE * feats @ text.T, feats @ keys.T
+
+
+def tune_cache(train: Tensor, train_labels: Tensor, text: Tensor, val: Optional[Tensor] = None,
+               val_labels: Optional[Tensor] = None, train_groups: Optional[Tensor] = None) -> Dict[str, float]:
+    """alpha and beta of the Tip-Adapter blend, on the validation examples (or leave-one-group-out)."""
+    c = text.shape[0]
+    values = F.one_hot(train_labels, c).float()
+    if val is not None and len(val):
+        zs, cos = cache_terms(val, train, values, text)
+        labels, exclude = val_labels, None
+    else:  # every training example scored by the cache without the examples of its own group
+        zs, cos = cache_terms(train, train, values, text)
+        labels = train_labels
+        groups = train_groups if train_groups is not None else torch.arange(len(train))
+        exclude = groups[:, None] == groups[None, :]
+    best: Tuple[Tuple[float, float], float, float] = ((-1.0, float("-inf")), 1.0, 5.5)
+    for beta in BETAS:
+        affinity = torch.exp(-beta * (1.0 - cos))
+        if exclude is not None:
+            affinity = affinity.masked_fill(exclude, 0.0)
+        cache = affinity @ values
+        for alpha in ALPHAS:
+            score = _score(zs + alpha * cache, labels)
+            if score > best[0]:
+                best = (score, alpha, beta)
+    return {"alpha": best[1], "beta": best[2], "tuning_accuracy": 100.0 * best[0][0]}
+
+
+def fit_probe(train: Tensor, labels: Tensor, text: Tensor, reg: float, steps: int = 200) -> Tuple[Tensor, Tensor]:
+    """(W, b) minimising CE(f W^T + b) + reg * ||V - V_init||^2 / N with L-BFGS (scipy), in standardised
+    coordinates.
+
+    The embeddings are standardised per dimension (z = (f - mu) / sigma) so that L-BFGS works on a well
+    conditioned problem; the result is mapped back exactly: W = V / sigma, b = c - (mu / sigma) V^T.
+    ``V_init`` is the zero-shot classifier (100 x text vectors) in those coordinates. numpy, not torch:
+    thousands of tiny operations, where torch's threading costs more than the arithmetic.
+    """
+    from scipy.optimize import minimize
+    f, t = train.double().cpu().numpy(), text.double().cpu().numpy()
+    y = labels.cpu().numpy()
+    n, (c, d) = max(len(f), 1), t.shape
+    mu, sigma = f.mean(axis=0), np.maximum(f.std(axis=0), 1e-6)
+    z = (f - mu) / sigma
+    v_init, c_init = LOGIT_SCALE * t * sigma, LOGIT_SCALE * t @ mu
+    onehot = np.eye(c)[y]
+
+    def loss_grad(x: np.ndarray):
+        v, b = x[:c * d].reshape(c, d), x[c * d:]
+        logits = z @ v.T + b
+        logits -= logits.max(axis=1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        g = (np.exp(logp) - onehot) / n
+        diff = v - v_init
+        loss = -(onehot * logp).sum() / n + reg * (diff ** 2).sum() / n
+        return loss, np.concatenate([(g.T @ z + 2 * reg * diff / n).ravel(), g.sum(axis=0)])
+
+    x0 = np.concatenate([v_init.ravel(), c_init])
+    x = minimize(loss_grad, x0, jac=True, method="L-BFGS-B", options={"maxiter": steps}).x
+    v, b = x[:c * d].reshape(c, d), x[c * d:]
+    weight, bias = v / sigma, b - (mu / sigma) @ v.T
+    return torch.from_numpy(weight).float(), torch.from_numpy(bias).float()
+
+
+def tune_probe(train: Tensor, labels: Tensor, text: Tensor, val: Optional[Tensor] = None,
+               val_labels: Optional[Tensor] = None, regs: Sequence[float] = REGS) -> Dict[str, object]:
+    """The probe with the regularisation that scores best on the validation examples (the middle one without)."""
+    if val is None or not len(val):
+        reg = regs[len(regs) // 2]
+        w, b = fit_probe(train, labels, text, reg)
+        return {"reg": reg, "weight": w, "bias": b, "tuning_accuracy": None}
+    best = None
+    for reg in regs:
+        w, b = fit_probe(train, labels, text, reg)
+        score = _score(val @ w.T + b, val_labels)
+        if best is None or score > best[0]:
+            best = (score, reg, w, b)
+    assert best is not None
+    return {"reg": best[1], "weight": best[2], "bias": best[3], "tuning_accuracy": 100.0 * best[0][0]}
