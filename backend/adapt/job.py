@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from shared_protocol import ErrorCode, ProtocolError, Reply
 
 from ..adapters import describe_adapter, get_method, load_adapter, save_adapter
-from ..adapters.instant.fit import tune_cache, tune_probe
+from ..adapters.instant.fit import cache_keys, tune_cache, tune_probe
 from ..engine import Engine
 from ..models.preprocess import preprocess_batch, value_scale
 from ..server import Job
@@ -134,7 +134,8 @@ def fit_instant(engine: Engine, method: str, classes: List[str], chips: np.ndarr
         tuned = tune_cache(feats[tr], y[tr], text, feats[va], y[va], torch.from_numpy(groups)[tr])
         cfg = spec.config_cls(classes=list(classes), n_cache=int(tr.sum()), alpha=tuned["alpha"],
                               beta=tuned["beta"])
-        tensors = {"text": text, "keys": feats[tr], "values": F.one_hot(y[tr], len(classes)).float()}
+        keys, mean = cache_keys(feats[tr], tuned["centre"])
+        tensors = {"text": text, "keys": keys, "mean": mean, "values": F.one_hot(y[tr], len(classes)).float()}
     else:
         tuned = tune_probe(feats[tr], y[tr], text, feats[va], y[va])
         cfg = spec.config_cls(classes=list(classes), reg=tuned["reg"])

@@ -10,7 +10,8 @@ from ..base import ConfigMixin
 
 @dataclass
 class InstantCacheConfig(ConfigMixin):
-    """Tip-Adapter (Zhang et al. 2022), training-free: logits = 100 f W^T + alpha exp(-beta (1 - f K^T)) L."""
+    """Tip-Adapter (Zhang et al. 2022), training-free: logits = 100 f W^T + alpha exp(-beta (1 - g K^T)) L with
+    g = normalise(f - m), K the cached examples' embeddings centred the same way (CL2N, as SimpleShot)."""
     classes: List[str] = field(default_factory=list)
     n_cache: int = 0  # cached example embeddings (K: n_cache x D, L: n_cache x C one-hot)
     alpha: float = 1.0  # weight of the cache against the zero-shot classifier

@@ -6,7 +6,7 @@ cross-entropy); without validation examples, on the training examples left out o
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from torch import Tensor
 
 LOGIT_SCALE = 100.0
 ALPHAS = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 300.0, 1000.0)
-BETAS = (0.5, 1.0, 2.0, 3.5, 5.5, 8.0, 12.0, 20.0, 35.0, 60.0, 100.0, 200.0, 400.0)
+RELATIVE_BETAS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 REGS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
@@ -25,35 +25,50 @@ def _score(logits: Tensor, labels: Tensor) -> Tuple[float, float]:
     return acc, -float(F.cross_entropy(logits, labels))
 
 
-def cache_terms(feats: Tensor, keys: Tensor, values: Tensor, text: Tensor) -> Tuple[Tensor, Tensor]:
-    """(zero-shot logits N x C, cosine to the cache N x K)."""
-    return LOGIT_SCALE * feats @ text.T, feats @ keys.T
+def cache_keys(train: Tensor, centre: bool = True) -> Tuple[Tensor, Tensor]:
+    """(keys: the training embeddings, centred on their mean when ``centre``, L2-normalised; that mean or 0)."""
+    mean = train.mean(dim=0) if centre else torch.zeros(train.shape[1], dtype=train.dtype)
+    return F.normalize(train - mean, dim=-1), mean
+
+
+def cache_terms(feats: Tensor, keys: Tensor, mean: Tensor, text: Tensor) -> Tuple[Tensor, Tensor]:
+    """(zero-shot logits N x C, cosine of the (centred) embeddings to the cache N x K)."""
+    return LOGIT_SCALE * feats @ text.T, F.normalize(feats - mean, dim=-1) @ keys.T
 
 
 def tune_cache(train: Tensor, train_labels: Tensor, text: Tensor, val: Optional[Tensor] = None,
-               val_labels: Optional[Tensor] = None, train_groups: Optional[Tensor] = None) -> Dict[str, float]:
-    """alpha and beta of the Tip-Adapter blend, on the validation examples (or leave-one-group-out)."""
+               val_labels: Optional[Tensor] = None, train_groups: Optional[Tensor] = None) -> Dict[str, Any]:
+    """Centring, alpha and beta of the Tip-Adapter blend, on the validation examples (or leave-one-group-out).
+
+    beta is searched relative to the typical cosine distance d between cached examples (beta = b / d): the
+    embeddings of one model may all lie within a few degrees of each other (a random model's do), where a
+    fixed grid would never reach the sharpness of a nearest-neighbour vote.
+    """
     c = text.shape[0]
     values = F.one_hot(train_labels, c).float()
-    if val is not None and len(val):
-        zs, cos = cache_terms(val, train, values, text)
-        labels, exclude = val_labels, None
-    else:  # every training example scored by the cache without the examples of its own group
-        zs, cos = cache_terms(train, train, values, text)
-        labels = train_labels
-        groups = train_groups if train_groups is not None else torch.arange(len(train))
-        exclude = groups[:, None] == groups[None, :]
-    best: Tuple[Tuple[float, float], float, float] = ((-1.0, float("-inf")), 1.0, 5.5)
-    for beta in BETAS:
-        affinity = torch.exp(-beta * (1.0 - cos))
-        if exclude is not None:
-            affinity = affinity.masked_fill(exclude, 0.0)
-        cache = affinity @ values
-        for alpha in ALPHAS:
-            score = _score(zs + alpha * cache, labels)
-            if score > best[0]:
-                best = (score, alpha, beta)
-    return {"alpha": best[1], "beta": best[2], "tuning_accuracy": 100.0 * best[0][0]}
+    best: Tuple[Tuple[float, float], float, float, bool] = ((-1.0, float("-inf")), 1.0, 5.5, False)
+    for centre in (False, True):
+        keys, mean = cache_keys(train, centre)
+        spread = float((1.0 - keys @ keys.T).clamp_min(0).mean()) or 1.0
+        if val is not None and len(val):
+            zs, cos = cache_terms(val, keys, mean, text)
+            labels, exclude = val_labels, None
+        else:  # every training example scored by the cache without the examples of its own group
+            zs, cos = cache_terms(train, keys, mean, text)
+            labels = train_labels
+            groups = train_groups if train_groups is not None else torch.arange(len(train))
+            exclude = groups[:, None] == groups[None, :]
+        for b in RELATIVE_BETAS:
+            beta = b / spread
+            affinity = torch.exp(-beta * (1.0 - cos))
+            if exclude is not None:
+                affinity = affinity.masked_fill(exclude, 0.0)
+            cache = affinity @ values
+            for alpha in ALPHAS:
+                score = _score(zs + alpha * cache, labels)
+                if score > best[0]:
+                    best = (score, alpha, beta, centre)
+    return {"alpha": best[1], "beta": best[2], "centre": best[3], "tuning_accuracy": 100.0 * best[0][0]}
 
 
 def fit_probe(train: Tensor, labels: Tensor, text: Tensor, reg: float, steps: int = 200) -> Tuple[Tensor, Tensor]:

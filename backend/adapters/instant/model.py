@@ -68,6 +68,12 @@ class FeatureHead(AdaptedModel):
         return {"classes": list(self.classes)}
 
 
+def centred(feats: Tensor, mean: Tensor) -> Tensor:
+    """L2-normalise after subtracting the examples' mean (SimpleShot's CL2N): the cache compares what differs
+    between places, not the direction all of a model's embeddings share."""
+    return F.normalize(feats - mean, dim=-1)
+
+
 class InstantCacheModel(FeatureHead):
     method = "instant-cache"
 
@@ -77,11 +83,12 @@ class InstantCacheModel(FeatureHead):
         self.adapter.text = nn.Parameter(torch.zeros(c, d))  # zero-shot class vectors W (C x D)
         self.adapter.keys = nn.Parameter(torch.zeros(n, d))  # cached example embeddings K (N x D)
         self.adapter.values = nn.Parameter(torch.zeros(n, c))  # their one-hot labels L (N x C)
+        self.adapter.mean = nn.Parameter(torch.zeros(d))  # the examples' mean embedding (centring, CL2N)
 
     def head_logits(self, feats: Tensor) -> Tensor:
         a = self.adapter
         zero_shot = LOGIT_SCALE * feats @ a.text.T
-        affinity = torch.exp(-self.config.beta * (1.0 - feats @ a.keys.T))
+        affinity = torch.exp(-self.config.beta * (1.0 - centred(feats, a.mean) @ a.keys.T))
         return zero_shot + self.config.alpha * affinity @ a.values
 
 
