@@ -219,7 +219,9 @@ def read_chip(ds, centre: Tuple[float, float], side_px: float, chip_size: int) -
     """(chip S x S x C as stored, valid share) of a square of ``side_px`` raster pixels centred on ``centre``."""
     from rasterio.enums import Resampling
     from rasterio.windows import Window
-    col, row = ~ds.transform * centre
+    inv = ~ds.transform
+    col = inv.a * centre[0] + inv.b * centre[1] + inv.c
+    row = inv.d * centre[0] + inv.e * centre[1] + inv.f
     window = Window(col - side_px / 2, row - side_px / 2, side_px, side_px)
     bands = _bands(ds.count)
     inside = window.col_off >= 0 and window.row_off >= 0 and col + side_px / 2 <= ds.width and \
