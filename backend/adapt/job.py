@@ -224,7 +224,9 @@ def run_train(engine: Engine, store: Optional[AdapterStore], adapter_info: Dict[
     free_name(store, engine.adapters, name, params["overwrite"])
     extra = {"classes": classes, "metrics": metrics,
              "adapt": {"method": get_method(method).name, "base_model": engine.loaded.name,
-                       "base_arch": engine.loaded.arch, "examples_sha256": digest, "counts": counts,
+                       "base_arch": engine.loaded.arch, "base_weights": engine.loaded.weights,
+                       "base_random_weights": bool(engine.loaded.random_weights), "examples_sha256": digest,
+                       "counts": counts,
                        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                        "tuning": {k: v for k, v in facts.items() if k != "job_dir"},
                        "seed": params["seed"], "templates": params["templates"],

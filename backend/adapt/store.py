@@ -46,8 +46,9 @@ class AdapterStore:
     def load_all(self, loaded) -> Tuple[Dict[str, Any], Dict[str, Dict[str, Any]]]:
         """Every adapter file made for this base architecture -> ({name: model}, {name: description}).
 
-        Files for another architecture (the folder is shared by models) and unreadable ones are skipped
-        with a warning; temporary files of an interrupted write (``.NAME.pt.xxxx.part``) are removed.
+        Files for another architecture (the folder is shared by models), files adapted on random weights
+        (meaningless on the next process's) and unreadable ones are skipped with a warning; temporary files
+        of an interrupted write (``.NAME.pt.xxxx.part``) are removed.
         """
         from backend.adapters import AdapterError, describe_adapter, load_adapter
         models: Dict[str, Any] = {}
@@ -63,6 +64,10 @@ class AdapterStore:
                 if desc.get("base_arch") != loaded.arch:
                     log.info("adapter %s is for %s, not %s: not loaded", path.name, desc.get("base_arch"),
                              loaded.arch)
+                    continue
+                if (desc.get("extra") or {}).get("adapt", {}).get("base_random_weights"):
+                    log.warning("adapter %s was made on random weights, which a new process draws anew: not "
+                                "loaded", path.name)
                     continue
                 models[path.stem] = load_adapter(path, loaded)
                 info[path.stem] = desc
