@@ -82,9 +82,9 @@ def accuracy_part(folder: Path, epochs: int) -> list:
                              "train": res["metrics"]["train_chips"], "job_s": res["seconds"],
                              "wall_s": round(time.perf_counter() - t, 2),
                              "epochs": epochs if method in TRAINED else None})
-                print(f"accuracy {method:14} zero-shot {rows[-1]['zero_shot']:5.1f}%  adapted {rows[-1]['adapted']:5.1f}%"
-                      f"  ({rows[-1]['train']} train / {rows[-1]['held_out']} held-out chips, {res['seconds']:.1f} s)",
-                      flush=True)
+                row = rows[-1]
+                print(f"accuracy {method:14} zero-shot {row['zero_shot']:5.1f}%  adapted {row['adapted']:5.1f}%  "
+                      f"({row['train']} train / {row['held_out']} held-out chips, {res['seconds']:.1f} s)", flush=True)
     finally:
         server.stop()
     return rows
