@@ -70,7 +70,7 @@ class ModelService(Service):
                   "adapter_precision": self.engine.adapter_precision}
         return {
             "model": loaded.describe(),
-            "adapters": [{"name": n, **adapter_summary(meta)} for n, meta in sorted(self.adapter_info.items())],
+            "adapters": [{"name": n, **adapter_summary(meta)} for n, meta in sorted(dict(self.adapter_info).items())],
             "adapter_dir": str(self.adapter_store.root) if self.adapter_store is not None else None,
             "device": device,
             "capabilities": {

@@ -198,6 +198,9 @@ def run_train(engine: Engine, store: Optional[AdapterStore], adapter_info: Dict[
     counts = class_counts(labels, classes, held, groups)
     job.progress(0.01, f"{len(chips)} chips ({int(held.sum())} held out) of {len(classes)} classes")
     instant = bool(get_method(method).defaults.get("instant"))
+    if not instant and next(engine.loaded.model.parameters()).dtype != torch.float32:
+        raise bad(f"{method} trains on the fp32 weights, which this server freed (serve --adapter-dir none on a "
+                  "bf16 CPU): use an instant method, or serve with an adapter folder", reason="no_fp32_weights")
     was_training = engine.loaded.model.training
     try:
         if instant:

@@ -270,22 +270,24 @@ def test_an_existing_name_is_refused_unless_overwrite(tmp_path, engine, examples
 
 def test_a_cancelled_job_registers_nothing_and_resumes_from_its_checkpoint(tmp_path, engine, examples):
     store, info = AdapterStore(tmp_path), {}
-    seen = []
+    seen, cancelled_in = [], []
 
-    def cancel_in_epoch_2(job, reply):
+    def cancel_in_epoch_2(job, reply):  # progress is rate-limited: the first message of epoch 2 or later
         seen.append(reply.message)
-        if reply.message.startswith("epoch 2/"):
+        epoch = int(reply.message.split()[1].split("/")[0]) if reply.message.startswith("epoch ") else 0
+        if epoch >= 2 and not cancelled_in:
+            cancelled_in.append(epoch)
             job.cancelled.set()
 
     with pytest.raises(ProtocolError) as e:
-        train(engine, store, examples, "coop", "cx", info, on_progress=cancel_in_epoch_2, epochs=4, batch_size=8)
+        train(engine, store, examples, "coop", "cx", info, on_progress=cancel_in_epoch_2, epochs=5, batch_size=8)
     assert e.value.code == ErrorCode.CANCELLED
     assert "cx" not in engine.adapters and "cx" not in info and not (tmp_path / "cx.pt").exists()
     assert not engine.loaded.model.training
     assert list((tmp_path / ".jobs").glob("cx-coop-*/checkpoint.pt"))
-    reply = train(engine, store, examples, "coop", "cx", info, epochs=4, batch_size=8, resume=True)
-    assert reply.result["tuning"]["resumed_from_epoch"] == 1
-    assert [h["epoch"] for h in reply.result["tuning"]["history"]] == [0, 1, 2, 3, 4]
+    reply = train(engine, store, examples, "coop", "cx", info, epochs=5, batch_size=8, resume=True)
+    assert reply.result["tuning"]["resumed_from_epoch"] == cancelled_in[0] - 1 >= 1
+    assert [h["epoch"] for h in reply.result["tuning"]["history"]] == [0, 1, 2, 3, 4, 5]
     assert "cx" in engine.adapters and (tmp_path / "cx.pt").is_file()
     assert not list((tmp_path / ".jobs").glob("cx-coop-*"))  # a finished job leaves no checkpoint behind
     assert any("val" in m for m in seen)
@@ -303,3 +305,13 @@ def test_saved_adapters_carry_their_provenance_and_random_ones_are_not_reloaded(
     assert adapt["provenance"] == {"raster": "scene.tif"} and adapt["date"] and adapt["base_random_weights"]
     models, info = AdapterStore(tmp_path).load_all(tiny)  # a new process would draw other random weights
     assert models == {} and not (tmp_path / ".again.pt.1234.part").exists()
+
+
+def test_without_a_folder_the_adapter_is_served_until_the_server_stops(engine, examples):
+    info = {}
+    reply = train(engine, None, examples, "linear-probe", "memory", info)
+    assert reply.result["path"] is None and "memory" in engine.adapters and info["memory"]["path"] is None
+    _, arrays = classify_task.classify(engine, {"classes": examples.classes, "adapter": "memory", "top_k": 1},
+                                       {"tiles": examples.chips[examples.held_out]}, lambda p, m: None)
+    acc = 100 * float((arrays["probs"].argmax(axis=1) == examples.labels[examples.held_out]).mean())
+    assert acc == pytest.approx(reply.result["metrics"]["adapted"]["top1"])
