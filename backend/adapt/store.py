@@ -100,5 +100,7 @@ def serve_store(adapter_dir: Optional[str], loaded) -> Tuple[Optional[AdapterSto
     if adapter_dir is not None and adapter_dir.lower() == "none":
         return None, {}, {}
     store = AdapterStore(Path(adapter_dir).expanduser() if adapter_dir else default_adapter_dir())
+    from backend.adapters import get_method
+    get_method("instant-cache")  # imports every method (peft ...) now, not in the first 'train' job
     models, info = store.load_all(loaded)
     return store, models, info

@@ -36,36 +36,46 @@ def cache_terms(feats: Tensor, keys: Tensor, mean: Tensor, text: Tensor) -> Tupl
     return LOGIT_SCALE * feats @ text.T, F.normalize(feats - mean, dim=-1) @ keys.T
 
 
+def _np_score(logits: np.ndarray, labels: np.ndarray) -> Tuple[float, float]:
+    """(accuracy, -cross-entropy) in numpy: larger is better, compared as a tuple."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float((logits.argmax(axis=1) == labels).mean()), float(logp[np.arange(len(labels)), labels].mean())
+
+
 def tune_cache(train: Tensor, train_labels: Tensor, text: Tensor, val: Optional[Tensor] = None,
                val_labels: Optional[Tensor] = None, train_groups: Optional[Tensor] = None) -> Dict[str, Any]:
     """Centring, alpha and beta of the Tip-Adapter blend, on the validation examples (or leave-one-group-out).
 
     beta is searched relative to the typical cosine distance d between cached examples (beta = b / d): the
     embeddings of one model may all lie within a few degrees of each other (a random model's do), where a
-    fixed grid would never reach the sharpness of a nearest-neighbour vote.
+    fixed grid would never reach the sharpness of a nearest-neighbour vote. numpy, not torch: a few hundred
+    tiny products, where torch's threading costs more than the arithmetic.
     """
     c = text.shape[0]
-    values = F.one_hot(train_labels, c).float()
+    values = F.one_hot(train_labels, c).double().numpy()
     best: Tuple[Tuple[float, float], float, float, bool] = ((-1.0, float("-inf")), 1.0, 5.5, False)
     for centre in (False, True):
-        keys, mean = cache_keys(train, centre)
-        spread = float((1.0 - keys @ keys.T).clamp_min(0).mean()) or 1.0
+        keys_t, mean_t = cache_keys(train, centre)
+        keys = keys_t.double().numpy()
+        spread = float(np.clip(1.0 - keys @ keys.T, 0, None).mean()) or 1.0
         if val is not None and len(val):
-            zs, cos = cache_terms(val, keys, mean, text)
-            labels, exclude = val_labels, None
+            zs_t, cos_t = cache_terms(val, keys_t, mean_t, text)
+            labels, exclude = val_labels.numpy(), None
         else:  # every training example scored by the cache without the examples of its own group
-            zs, cos = cache_terms(train, keys, mean, text)
-            labels = train_labels
-            groups = train_groups if train_groups is not None else torch.arange(len(train))
+            zs_t, cos_t = cache_terms(train, keys_t, mean_t, text)
+            labels = train_labels.numpy()
+            groups = (train_groups if train_groups is not None else torch.arange(len(train))).numpy()
             exclude = groups[:, None] == groups[None, :]
+        zs, cos = zs_t.double().numpy(), cos_t.double().numpy()
         for b in RELATIVE_BETAS:
             beta = b / spread
-            affinity = torch.exp(-beta * (1.0 - cos))
+            affinity = np.exp(-beta * (1.0 - cos))
             if exclude is not None:
-                affinity = affinity.masked_fill(exclude, 0.0)
+                affinity[exclude] = 0.0
             cache = affinity @ values
             for alpha in ALPHAS:
-                score = _score(zs + alpha * cache, labels)
+                score = _np_score(zs + alpha * cache, labels)
                 if score > best[0]:
                     best = (score, alpha, beta, centre)
     return {"alpha": best[1], "beta": best[2], "centre": best[3], "tuning_accuracy": 100.0 * best[0][0]}
