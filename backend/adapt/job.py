@@ -13,6 +13,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -182,7 +183,11 @@ def train_gradient(engine: Engine, store: Optional[AdapterStore], method: str, c
     trainer = Trainer(engine.loaded, cfg, data, log=log.info,
                       loader=ArrayLoader(chips, engine.loaded, value_scale(chips, params.get("value_range"))),
                       on_step=on_step, on_epoch=on_epoch)
-    result = trainer.run()
+    try:
+        result = trainer.run()
+    finally:
+        if store is None:  # no folder to resume from: no checkpoint to keep
+            shutil.rmtree(out_dir, ignore_errors=True)
     return trainer.model, {"history": result["history"], "job_dir": str(out_dir), "resumed_from_epoch": resumed}
 
 
