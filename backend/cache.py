@@ -80,6 +80,14 @@ class LRUCache:
             self.put(key, value)
         return value
 
+    def drop_where(self, predicate: Callable[[Hashable], bool]) -> int:
+        """Remove the entries whose key satisfies ``predicate``; returns how many."""
+        with self._lock:
+            keys = [k for k in self._data if predicate(k)]
+            for k in keys:
+                self._bytes -= self._data.pop(k)[1]
+            return len(keys)
+
     def clear(self) -> None:
         with self._lock:
             self._data.clear()

@@ -80,6 +80,17 @@ class Engine:
         except KeyError:
             raise UnknownAdapter(f"no adapter named {adapter!r} is loaded", adapters=sorted(self.adapters)) from None
 
+    def feature_source(self, adapter: Optional[str]) -> Optional[str]:
+        """The model whose embeddings ``adapter`` works on: ``None`` (the base, cached and cast as the base)
+        for a head on the frozen base's embeddings (the instant methods), else the adapter itself."""
+        return None if getattr(self.model_for(adapter), "base_features", False) else adapter
+
+    def register_adapter(self, name: str, model: torch.nn.Module) -> None:
+        """Serve ``model`` under ``name`` from the next request on (replacing one of that name: what was
+        cached for the old one is dropped)."""
+        self.adapters[name] = model
+        self.cache.drop_where(lambda key: isinstance(key, tuple) and len(key) > 1 and key[1] == name)
+
     # -- images --------------------------------------------------------------------------------------
     @torch.inference_mode()
     def encode_pixels(self, x: torch.Tensor, adapter: Optional[str] = None, normalize: bool = True) -> torch.Tensor:
@@ -97,6 +108,7 @@ class Engine:
         are not encoded again.
         """
         scale = scale or value_scale(images, value_range)
+        adapter = self.feature_source(adapter)
         n = images.shape[0]
         cached = normalize and self.cache.max_bytes > 0  # no hashing when the cache is off
         keys = [("tile", adapter, scale, content_key(t)) for t in images] if cached else [None] * n
@@ -123,6 +135,7 @@ class Engine:
         through the model's own preprocessing.
         """
         quantize = canvas.dtype == np.uint8
+        adapter = self.feature_source(adapter)
         pixels = to_device(canvas, self.device)  # once: windows are cut on the device
         n = len(boxes)
         out: List[torch.Tensor] = []
@@ -184,6 +197,7 @@ class Engine:
     def encode_texts(self, texts: Sequence[str], adapter: Optional[str] = None, normalize: bool = True,
                      use_cache: bool = True) -> torch.Tensor:
         """Texts -> T x D float32 embeddings (L2-normalised unless ``normalize=False``), cached per text."""
+        adapter = self.feature_source(adapter)
         model = self.model_for(adapter)
         encode = self._fast_text if adapter is None and self._fast_text is not None else model.encode_text
         results: Dict[int, torch.Tensor] = {}

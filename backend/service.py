@@ -12,8 +12,9 @@ import torch
 from shared_protocol import ErrorCode, Limits, ProtocolError, Reply, Request
 from shared_protocol.defaults import MIN_VALID_SHARE
 from shared_protocol.framing import DEFAULT_LIMITS
-from shared_protocol.ops import DEFAULT_MAX_CANVAS_PIXELS, SELO_MODES
+from shared_protocol.ops import ADAPT_METHODS, DEFAULT_MAX_CANVAS_PIXELS, SELO_MODES
 
+from .adapt.store import adapter_summary
 from .budget import ModelShape, check_budget
 from .engine import WINDOW_PIXEL_BUDGET, Engine
 from .errors import AdapterError, BackendError, DataError, ImageInputError, ModelLoadError, UnknownAdapter
@@ -100,8 +101,9 @@ class ModelService(Service):
     def __init__(self, engine: Engine, limits: Limits = DEFAULT_LIMITS,
                  max_canvas_pixels: int = DEFAULT_MAX_CANVAS_PIXELS,
                  adapter_info: Optional[Dict[str, Dict[str, Any]]] = None, memory_budget: Optional[int] = None,
-                 data_dirs: Sequence[str] = ()):
+                 data_dirs: Sequence[str] = (), adapter_store=None):
         self.engine = engine
+        self.adapter_store = adapter_store  # backend.adapt.store.AdapterStore: where 'train' saves (None: nowhere)
         self.limits = limits
         self.memory_budget = default_memory_budget() if memory_budget is None else int(memory_budget)
         self.max_canvas_pixels = max_canvas_pixels
@@ -111,6 +113,7 @@ class ModelService(Service):
             "rank": self._run(rank_task.rank),
             "embed": self._run(rank_task.embed),
             "localize": self._localize,
+            "train": self._train,
         }
         from .index.service import IndexOps  # the index operations (backend/index)
         self.index_ops = IndexOps(engine, data_dirs)
@@ -124,8 +127,10 @@ class ModelService(Service):
                   "adapter_precision": self.engine.adapter_precision, "reason": loaded.extra.get("gpu_unused", "")}
         return {
             "model": loaded.describe(),
-            "adapters": [{"name": n, **(without_paths(meta) if remote else meta)}
-                         for n, meta in sorted(self.adapter_info.items())],
+            "adapters": [{"name": n, **adapter_summary(without_paths(meta) if remote else meta)}
+                         for n, meta in sorted(dict(self.adapter_info).items())],
+            "adapter_dir": (str(self.adapter_store.root) if self.adapter_store is not None and not remote
+                            else None),
             "device": device,
             "capabilities": {
                 "operations": sorted(self.handlers),
@@ -133,6 +138,7 @@ class ModelService(Service):
                 "class_presets": CLASS_PRESETS,
                 "model_presets": sorted(PRESETS),
                 "ensembles": ["georsclip", "openclip"],
+                "adapt_methods": list(ADAPT_METHODS),
                 "image_dtypes": ["uint8", "uint16"],
                 "max_canvas_pixels": self.max_canvas_pixels,
                 "memory_budget_bytes": self.memory_budget,
@@ -192,6 +198,10 @@ class ModelService(Service):
             result, arrays = task(self.engine, job.request.params, job.request.arrays, job.progress)
             return Reply.ok(job.request.id, job.request.op, result, arrays)
         return run
+
+    def _train(self, job: Job) -> Reply:
+        from .adapt.job import run_train
+        return run_train(self.engine, self.adapter_store, self.adapter_info, job)
 
     def _localize(self, job: Job) -> Reply:
         params = job.request.params

@@ -256,5 +256,56 @@ INDEX_INFO = OpSpec(
     long_running=True,
 )
 
+# -- adapting a model from labelled examples (issue 13) -------------------------------------------------
+ADAPT_METHODS = ("instant-cache", "linear-probe", "coop", "lora", "gdpl", "mrs-adapter")
+INSTANT_METHODS = ("instant-cache", "linear-probe")  # no gradient: seconds on a CPU
+ADAPTER_NAME_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-"
+
+
+def _adapter_name(value) -> Optional[str]:
+    if 0 < len(value) <= 64 and value[0].isalnum() and all(c in ADAPTER_NAME_CHARS for c in value):
+        return None
+    return "must be 1-64 characters of A-Z a-z 0-9 _ . - starting with a letter or digit"
+
+
+def _ascii_classes(value) -> Optional[str]:
+    bad = [s for s in value if not s.isascii()]
+    return f"class names must be ASCII (the text model's vocabulary), not {bad[:3]}" if bad else _texts(value)
+
+
+TRAIN = OpSpec(
+    "train",
+    "Adapt the served model to labelled chips and register the adapter under 'name' (no restart; saved in the "
+    "server's adapter folder with its provenance). Progress messages name the epoch, loss and validation "
+    "accuracy; cancel leaves nothing registered (a trained method's last epoch checkpoint stays for 'resume').",
+    params=(
+        Param("name", "str", required=True, max_len=64, check=_adapter_name, doc="the new adapter's name"),
+        Param("method", "str", required=True, choices=ADAPT_METHODS),
+        Param("classes", "str_list", required=True, min_len=2, max_len=MAX_TEXTS, check=_ascii_classes,
+              doc="class names; labels index into this list"),
+        Param("overwrite", "bool", default=False, doc="replace an adapter of the same name"),
+        Param("epochs", "int", nullable=True, min=1, max=10000, doc="trained methods: epochs (default 10)"),
+        Param("lr", "float", nullable=True, min=0.0, max=10.0, doc="trained methods: learning rate"),
+        Param("batch_size", "int", nullable=True, min=1, max=4096, doc="trained methods: batch size (16)"),
+        Param("seed", "int", default=0, min=0),
+        Param("resume", "bool", default=False, doc="trained methods: continue a cancelled or killed job with "
+              "the same name, method and examples from its last epoch checkpoint"),
+        Param("templates", "str", default="georsclip", max_len=100, doc="zero-shot template set"),
+        Param("return_file", "bool", default=False, doc="also return the adapter file (array 'adapter_file')"),
+        Param("provenance", "dict", nullable=True, doc="the client's facts about the examples (raster, labels, "
+              "class field, resolution), stored in the adapter file"),
+        VALUE_RANGE,
+    ),
+    arrays=(ArraySpec("chips", IMAGE_DTYPES, (4,), doc="N x H x W x C example images"),
+            ArraySpec("labels", ("int32",), (1,), doc="N class indices into 'classes'"),
+            ArraySpec("groups", ("int32",), (1,), required=False,
+                      doc="N example ids (the polygon or point a chip comes from); the split never cuts one"),
+            ArraySpec("held_out", ("uint8",), (1,), required=False,
+                      doc="N flags, non-zero = validation; default: whole groups drawn per class with 'seed'")),
+    idempotent=False,
+    long_running=True,
+)
+
 OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (
-    HELLO, INFO, PING, CANCEL, SHUTDOWN, CLASSIFY, RANK, LOCALIZE, EMBED, INDEX_BUILD, INDEX_SEARCH, INDEX_INFO)}
+    HELLO, INFO, PING, CANCEL, SHUTDOWN, CLASSIFY, RANK, LOCALIZE, EMBED, INDEX_BUILD, INDEX_SEARCH, INDEX_INFO,
+    TRAIN)}

@@ -127,7 +127,7 @@ class MethodSpec:
 
 
 METHODS: Dict[str, MethodSpec] = {}
-_METHOD_MODULES = ("lora", "mrs_adapter", "gdpl", "coop")
+_METHOD_MODULES = ("lora", "mrs_adapter", "gdpl", "coop", "instant")
 
 
 def register(spec: MethodSpec) -> MethodSpec:

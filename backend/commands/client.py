@@ -28,6 +28,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--templates", default="georsclip")
     p.add_argument("--grid", type=int, metavar="PIXELS", help="classify a grid of tiles of this size per image")
+    p.add_argument("--adapter", help="a loaded adapter's name (its classes are used when no --class is given)")
     add_min_valid_arg(p, "tiles")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(func=run_classify)
@@ -88,12 +89,15 @@ def run_classify(args: argparse.Namespace) -> int:
                 if args.preset not in presets:
                     raise ValueError(f"unknown class preset {args.preset!r}; known: {', '.join(sorted(presets))}")
                 classes += presets[args.preset]
+            if not classes and args.adapter:  # an adapted classifier knows its classes
+                found = {a["name"]: a for a in client.info().get("adapters", [])}.get(args.adapter) or {}
+                classes += found.get("classes") or []
             if not classes:
                 raise ValueError("give classes with --class NAME (repeatable) or --preset NAME")
             out = []
             for img in _read_images(args.images):
                 params: Dict[str, Any] = {"top_k": args.top_k, "templates": args.templates,
-                                          "min_valid": args.min_valid}
+                                          "min_valid": args.min_valid, "adapter": args.adapter}
                 if args.grid:
                     reply = client.classify(classes, canvas=img.pixels, tile_size=args.grid, **params,
                                             **img.masks("canvas"))

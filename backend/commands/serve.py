@@ -25,6 +25,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--token-file", help="read the access token from this file")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=FILE",
                    help="serve a saved adapter under NAME (repeatable)")
+    p.add_argument("--adapter-dir", default=None, metavar="DIR",
+                   help="where 'train' saves adapters, loaded again at start-up (default $MAPQUERY_ADAPTERS or "
+                        "~/.cache/mapquery-rs/adapters; 'none': adapters trained here live until the server stops)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                    help="auto: bf16 autocast on CUDA (fp16 where bf16 is missing); on a CPU, bf16 weights where "
                    "the CPU has native bf16 (AVX512-BF16, AMX, Arm BF16: ~2.5x faster), else fp32. fp32 is "
@@ -74,15 +77,19 @@ def run(args: argparse.Namespace) -> int:
             load_server_keys(args.curve_keys)
         raise_fd_limit()
         loaded = load_base(args)
-        adapters, adapter_info = load_adapters(args.adapter, loaded)
+        from backend.adapt.store import serve_store
+        store, adapters, adapter_info = serve_store(args.adapter_dir, loaded)
+        named, named_info = load_adapters(args.adapter, loaded)
+        adapters.update(named)
+        adapter_info.update(named_info)
         engine = Engine(loaded, EngineConfig(batch_size=args.batch_size, precision=args.precision,
                                              cache_bytes=args.cache_mb << 20), adapters)
-        if not adapters and engine.base_model is not loaded.model:
+        if not adapters and store is None and engine.base_model is not loaded.model:
             loaded.model = engine.base_model  # nothing else needs the fp32 weights: free them
         budget = args.memory_budget_mb << 20 if args.memory_budget_mb is not None else None
         server = Server(ModelService(engine, limits, max_canvas_pixels=args.max_canvas_pixels,
                                      adapter_info=adapter_info, memory_budget=budget,
-                                     data_dirs=args.data_dir), config)
+                                     data_dirs=args.data_dir, adapter_store=store), config)
     except (BackendError, ProtocolError) as exc:  # 'cannot start (REASON): ...' is what launchers read
         exc = protocol_error(exc)
         reason = exc.details.get("reason") or exc.code

@@ -51,6 +51,14 @@ def class_vectors(engine: Engine, classes: Sequence[str], params: Dict[str, Any]
     return engine.cache.get_or_compute(key, compute)
 
 
+def top2_margins(probs: np.ndarray) -> np.ndarray:
+    """Per tile, the best class's probability minus the second best's (small = unsure; 1 with one class)."""
+    if probs.shape[1] < 2:
+        return np.ones(len(probs), np.float32)
+    top2 = -np.partition(-probs, 1, axis=1)[:, :2]
+    return (top2[:, 0] - top2[:, 1]).astype(np.float32)
+
+
 def tiles_from_request(params: Dict[str, Any], arrays: Dict[str, np.ndarray]
                        ) -> Tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
     """(tiles, cells, canvas-or-None): the tiles array as sent, or a grid cut from the canvas."""
@@ -119,13 +127,18 @@ def classify(engine: Engine, params: Dict[str, Any], arrays: Dict[str, np.ndarra
             key = ("grid", adapter, scale, content_key(canvas), content_key(tiles))
             feats = engine.cache.get_or_compute(key, lambda: engine.encode_windows(
                 canvas, tiles, None, adapter, scale, lambda p, m: progress(0.9 * p, m)))
-        probs_t = zeroshot.probabilities(feats, class_vectors(engine, classes, params,
-                                                              lambda p, m: progress(0.9 + 0.09 * p, m)))
+        head = getattr(engine.model_for(adapter), "classify_features", None)  # an instant adapter's own head
+        if head is not None:
+            probs_t = head(feats, classes).softmax(dim=-1)
+        else:
+            probs_t = zeroshot.probabilities(feats, class_vectors(engine, classes, params,
+                                                                  lambda p, m: progress(0.9 + 0.09 * p, m)))
     probs = np.full((len(keep) + len(skip), len(classes)), np.nan, dtype=np.float32)
     probs[keep] = probs_t.float().cpu().numpy()
     k = min(params.get("top_k", 5), len(classes))
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    results = [{"index": i, "skipped": False, "label": classes[order[i, 0]],
+    margins = top2_margins(probs)
+    results = [{"index": i, "skipped": False, "label": classes[order[i, 0]], "margin": float(margins[i]),
                 "top": [{"label": classes[j], "score": float(probs[i, j])} for j in order[i]]}
                for i in range(len(probs))]
     for i in skip:

@@ -104,7 +104,12 @@ class Trainer:
     """Trains one adapter on ``loaded`` (a ``LoadedModel``, left unchanged) with caption or class data."""
 
     def __init__(self, loaded, config: TrainConfig, data: CaptionData | ClassData,
-                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)):
+                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+                 loader: Any = None, on_step: Optional[Callable[[int, int, int, float], None]] = None,
+                 on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None):
+        """``loader.batch(keys)`` gives model input for the data's image keys (default: paths read from disk);
+        ``on_step(epoch, step, steps, loss)`` after each step and ``on_epoch(record)`` after each epoch (they
+        may raise to stop: the last epoch's checkpoint stays, no adapter is written)."""
         self.loaded, self.cfg, self.data, self.log = loaded, config.resolved(), data, log
         self.spec = get_method(self.cfg.method)
         self.task = "classification" if isinstance(data, ClassData) else "retrieval"
@@ -116,7 +121,8 @@ class Trainer:
             self.cfg.loss = "infonce"
         self.out = Path(self.cfg.out_dir)
         self.device = loaded.device
-        self.loader = ImageLoader(loaded)
+        self.loader = loader if loader is not None else ImageLoader(loaded)
+        self.on_step, self.on_epoch = on_step, on_epoch
         self.history: List[Dict[str, Any]] = []
         # what one epoch runs over: images (classification, or one caption per image), or (image, caption)
         if self.task == "retrieval" and self.cfg.caption_sampling == "all":
@@ -286,6 +292,8 @@ class Trainer:
                     parts[k] = parts.get(k, 0.0) + v
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if self.on_step is not None:
+                    self.on_step(epoch, i, steps_per_epoch, losses[-1])
             bar.close()
             record = {"epoch": epoch + 1, "loss": sum(losses) / max(1, len(losses)),
                       "loss_parts": {k: v / max(1, len(losses)) for k, v in parts.items()},
@@ -295,6 +303,8 @@ class Trainer:
             self._log_metrics(record)
             self.log(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} {_fmt(record.get('eval', {}))}")
             self._save_checkpoint(model, opt, epoch + 1, step)
+            if self.on_epoch is not None:
+                self.on_epoch(record)
             if cfg.stop_after_epoch is not None and epoch + 1 >= cfg.stop_after_epoch:
                 self.log(f"stopping after epoch {epoch + 1} as asked; continue with --resume")
                 break

@@ -50,7 +50,19 @@ SPECIAL = {
 }
 
 
-def param_value(p: Param):
+# values known to pass the checks of one operation's parameter (they win over SPECIAL)
+ASCII_TEXT = st.text(alphabet=string.ascii_letters + " _-", min_size=1, max_size=20).filter(lambda s: s.strip())
+SPECIAL_BY_OP = {
+    ("train", "classes"): st.lists(ASCII_TEXT, min_size=2, max_size=5),
+    ("train", "name"): st.text(alphabet=string.ascii_letters + string.digits + "_.-", min_size=1, max_size=64)
+    .filter(lambda s: s[0].isalnum()),
+    ("train", "provenance"): st.dictionaries(ASCII_TEXT, st.one_of(ASCII_TEXT, st.integers(-5, 5)), max_size=3),
+}
+
+
+def param_value(p: Param, op: str = ""):
+    if (op, p.name) in SPECIAL_BY_OP:
+        return SPECIAL_BY_OP[(op, p.name)]
     if p.name in SPECIAL:
         return SPECIAL[p.name]
     if p.choices is not None:
@@ -66,7 +78,7 @@ def params_for(draw, spec: OpSpec):
     out = {}
     for p in spec.params:
         if p.required or draw(st.booleans()):
-            out[p.name] = draw(param_value(p))
+            out[p.name] = draw(param_value(p, spec.name))
     return out
 
 
