@@ -1,6 +1,7 @@
 """``python -m backend``: serve a model, talk to a server, train, evaluate and reproduce published tables.
 
-Subcommands: serve, ping, classify, rank, localize, keys, weights, presets, demo, train, eval, params, reproduce.
+Subcommands: serve, ping, classify, rank, localize, keys, weights, presets, demo, train, eval, params,
+reproduce, adapt, unsure, index.
 This module is the parser only: each module in ``backend/commands/`` that defines ``add_parser(subparsers)``
 adds its own subcommands (and nothing in ``commands/`` imports this module).
 """

@@ -19,7 +19,7 @@ from shared_protocol.ops import ADAPT_METHODS
 
 
 def add_parser(subparsers) -> None:
-    from backend.cli import add_client_args
+    from ._common import add_client_args
     p = subparsers.add_parser(
         "adapt", help="adapt the served model to labelled places of a raster (instant or trained methods)",
         description="Cut chips from RASTER around the points and over the polygons of LABELS (any CRS), split them "
@@ -91,7 +91,7 @@ def run_adapt(args: argparse.Namespace) -> int:
     from shared_protocol import ProtocolError
     from backend.adapt.examples import ExampleError, build_examples, export_image_folder
     from backend.adapt.metrics import format_report
-    from backend.cli import client_from_args
+    from ._common import client_from_args
     from backend.files import atomic_write
     if not args.method and not args.export_dataset:
         return _fail("give --method and --name to adapt, or --export-dataset DIR to export the examples", 2)
@@ -209,7 +209,7 @@ def write_polygons(path: str, rings: List[List[List[float]]], props: List[Dict[s
 
 def run_unsure(args: argparse.Namespace) -> int:
     from shared_protocol import ProtocolError
-    from backend.cli import client_from_args
+    from ._common import client_from_args
     try:
         pixels, mask, transform, crs = read_raster(args.raster, args.resolution)
         with client_from_args(args) as client:

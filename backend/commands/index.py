@@ -73,7 +73,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _backend_flags(p: argparse.ArgumentParser, model: bool = True) -> None:
-    from backend.cli import TOKEN_ENV
+    from shared_protocol.endpoints import TOKEN_ENV
     p.add_argument("--connect", metavar="ADDR", help="a running backend (default: run in this process)")
     p.add_argument("--token", default=os.environ.get(TOKEN_ENV), help=f"access token (default ${TOKEN_ENV})")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for a reply")
@@ -103,10 +103,11 @@ class _LocalJob:
 
 
 def _local_ops(args: argparse.Namespace, with_model: bool = True):
-    from backend.cli import load_adapters, load_model_from_args
+    from ._common import load_base
+    from .serve import load_adapters
     from backend.engine import Engine, EngineConfig
     from backend.index.service import IndexOps
-    loaded = load_model_from_args(args)
+    loaded = load_base(args)
     specs = [args.adapter] if getattr(args, "adapter", None) and "=" in args.adapter else []
     adapters, _ = load_adapters(specs, loaded)
     engine = Engine(loaded, EngineConfig(batch_size=args.batch_size, precision=args.precision, cache_bytes=256 << 20),
