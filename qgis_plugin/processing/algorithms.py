@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsGeometry, QgsPointXY, QgsProcessing,
                        QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingLayerPostProcessorInterface,
                        QgsProcessingParameterBand,
-                       QgsProcessingParameterDefinition, QgsProcessingParameterFeatureSink,
+                       QgsProcessingParameterDefinition, QgsProcessingParameterEnum, QgsProcessingParameterFeatureSink,
                        QgsProcessingParameterFeatureSource, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer,
                        QgsProcessingParameterString, QgsWkbTypes)
@@ -21,6 +21,7 @@ from qgis.PyQt.QtCore import QCoreApplication, QVariant
 
 from shared_protocol import ProtocolError
 from shared_protocol.defaults import DEFAULT_TILE_SIZE, MIN_VALID_SHARE
+from shared_protocol.ops import SELO_MODES
 
 from ..connection import make_client
 from ..errors import PluginError, plain_message
@@ -251,7 +252,7 @@ class RankRasterAlgorithm(_TileAlgorithm):
 
 
 class LocalizeRasterAlgorithm(_Base):
-    QUERY, BLOCK_SIZE = "QUERY", "BLOCK_SIZE"
+    QUERY, BLOCK_SIZE, SELO_MODE = "QUERY", "BLOCK_SIZE", "SELO_MODE"
 
     def name(self) -> str:
         return "localizeraster"
@@ -262,7 +263,9 @@ class LocalizeRasterAlgorithm(_Base):
     def shortHelpString(self) -> str:  # noqa: N802
         return _tr("Semantic localization over the whole raster: blocks of the raster are sent to the backend, "
                    "their raw similarity maps are stitched and normalised to 0-1 over the valid pixels of the whole "
-                   "raster; nodata, transparent pixels and pixels outside the area of interest are NaN (nodata).")
+                   "raster; nodata, transparent pixels and pixels outside the area of interest are NaN (nodata). "
+                   "SeLo mode 'reference' runs the original pipeline (OpenCV resize, JPEG round trip, 8-bit map, "
+                   "251 px median) on the whole raster as one canvas, for numbers comparable with the papers'.")
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self._common_params()
@@ -270,13 +273,17 @@ class LocalizeRasterAlgorithm(_Base):
         self._advanced(QgsProcessingParameterNumber(self.BLOCK_SIZE, _tr("Block size (pixels per request)"),
                                                     QgsProcessingParameterNumber.Integer, localize.DEFAULT_BLOCK,
                                                     minValue=64))
+        self._advanced(QgsProcessingParameterEnum(self.SELO_MODE, _tr("SeLo mode"), list(SELO_MODES),
+                                                  defaultValue=0))
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, _tr("Heatmap")))
 
     def work(self, parameters, context, feedback):
         source, layer, settings, common, fb, min_valid = self._setup(parameters, context, feedback)
         query = self.parameterAsString(parameters, self.QUERY, context)
         params = localize.LocalizeParams([query], block_px=self.parameterAsInt(parameters, self.BLOCK_SIZE, context),
-                                         min_valid=min_valid)
+                                         min_valid=min_valid,
+                                         selo_mode=SELO_MODES[self.parameterAsEnum(parameters, self.SELO_MODE,
+                                                                                   context)])
         dest = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
         with make_client(settings) as client:
             res = localize.LocalizeProcessor(source, params, common).compute(client, fb)

@@ -5,6 +5,10 @@ window plus the median kernel, from an origin on the common grid of the window s
 so the stitched map equals one whole-source request without seams. Pixels invalid in the mask (nodata,
 transparent, outside the footprint or the area of interest) and pixels no kept window covered are NaN; the
 maps are then min-max normalised to 0-1 over the valid pixels only.
+
+``selo_mode="reference"`` runs the original SeLo pipeline (the backend's reference mode) on the whole source
+as one canvas: one min-max over the image, as the original, so no blocks; the original has no notion of
+nodata, so it scores every pixel and the invalid ones are blanked (NaN) afterwards, with a warning.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import numpy as np
 
 from shared_protocol import ErrorCode, ProtocolError
 from shared_protocol.defaults import DEFAULT_SMOOTH, DEFAULT_WINDOW_SIZES, MIN_VALID_SHARE
-from shared_protocol.ops import SMOOTH_WORK_KERNEL
+from shared_protocol.ops import SELO_MODES, SMOOTH_WORK_KERNEL
 
 from ..errors import PluginError
 from ..masks import valid_share
@@ -49,11 +53,14 @@ class LocalizeParams:
     smooth: Optional[int] = None  # None: SeLo's, scaled to the block
     block_px: int = DEFAULT_BLOCK  # whole-raster sources: pixels per request on a side
     min_valid: float = MIN_VALID_SHARE
+    selo_mode: str = "fast"  # "reference": the original pipeline, the whole source as one canvas
 
     def __post_init__(self) -> None:
         self.queries = [q.strip() for q in self.queries if q.strip()]
         if not self.queries:
             raise PluginError("type a query to localize")
+        if self.selo_mode not in SELO_MODES:
+            raise PluginError(f"selo_mode must be one of {', '.join(SELO_MODES)}, not {self.selo_mode!r}")
 
 
 @dataclass
@@ -71,12 +78,16 @@ class LocalizeResult:
 class LocalizeProcessor:
     def __init__(self, source: Any, params: LocalizeParams, common: Common):
         self.source, self.params, self.common = source, params, common
+        if params.selo_mode == "reference":  # one canvas: the original normalises over the whole image
+            params.block_px = max(source.height, source.width)
         h, w = min(params.block_px, source.height), min(params.block_px, source.width)
         self.window_sizes = list(params.window_sizes) if params.window_sizes else auto_window_sizes(h, w)
         self.smooth = auto_smooth(h, w) if params.smooth is None else int(params.smooth)
         self.title = "localize: " + "; ".join(params.queries)
 
     def compute(self, client: Any, fb: Feedback) -> LocalizeResult:
+        if self.params.selo_mode == "reference":
+            return self._compute_reference(client, fb)
         p, src = self.params, self.source
         wire = Wire(client, fb, p.min_valid)
         align = math.lcm(*[max(1, s // 2) for s in self.window_sizes], *self.window_sizes,
@@ -126,6 +137,31 @@ class LocalizeProcessor:
         prov = [provenance(src, self.common, result, q, tiling) for q in p.queries]
         return LocalizeResult(heat, src.transform, src.crs_wkt, stats, windows, wire.warnings + warnings_of(result),
                               result, prov)
+
+    def _compute_reference(self, client: Any, fb: Feedback) -> LocalizeResult:
+        """The backend's reference mode on the whole source: the 8-bit map / 255 as it comes, invalid pixels
+        blanked afterwards (the original pipeline scores them)."""
+        p, src = self.params, self.source
+        cap = next(iter(src.blocks(p.block_px, 0, 1))).capture
+        params = {"queries": list(p.queries), "window_sizes": self.window_sizes, "smooth": self.smooth,
+                  "selo_mode": "reference", "value_range": src.value_range(), "adapter": self.common.adapter}
+        reply = Wire(client, fb, p.min_valid).localize(cap.pixels, None, params, (0.0, 0.95))
+        heat = np.array(reply.arrays["heatmaps"], dtype=np.float32)
+        valid = cap.valid()
+        warnings = warnings_of(reply.result)
+        if not valid.all():
+            heat[:, ~valid] = np.nan
+            warnings.append(f"reference mode scores every pixel, as the original pipeline: {100 * (~valid).mean():.0f}"
+                            " % of the pixels are nodata, transparent or outside the area of interest and were "
+                            "blanked afterwards (the fast mode leaves them out of the windows)")
+        stats = [{"query": q, "min": float(np.nanmin(heat[i])), "max": float(np.nanmax(heat[i])),
+                  "mean": float(np.nanmean(heat[i])), "valid_share": float(valid.mean())}
+                 for i, q in enumerate(p.queries)]
+        tiling = (f"SeLo reference mode, windows {', '.join(map(str, self.window_sizes))} px, "
+                  f"median {self.smooth} px")
+        prov = [provenance(src, self.common, reply.result, q, tiling) for q in p.queries]
+        return LocalizeResult(heat, src.transform, src.crs_wkt, stats, int(reply.result.get("windows", 0) or 0),
+                              warnings, reply.result, prov)
 
     def run(self, client: Any, fb: Feedback) -> Outcome:
         res = self.compute(client, fb)

@@ -80,6 +80,27 @@ def test_localize_raster_stitches_blocks(processing_ready, live_backend, data_di
     assert np.nanmax(np.abs(heat[valid] - whole_map)) < 1e-4
 
 
+def test_localize_raster_reference_mode_is_the_backends_reference_map(processing_ready, live_backend, data_dir,
+                                                                       tmp_path):
+    """SELO_MODE reference: the whole raster as one canvas through the backend's reference pipeline (no blocks,
+    no renormalisation), nodata blanked afterwards, with a warning."""
+    src = str(data_dir / "RGB.byte.tif")
+    out = run_alg("mapquery:localizeraster", {"INPUT": src, "QUERY": "river", "SELO_MODE": 1, "BLOCK_SIZE": 400,
+                                              "BACKEND": live_backend.address, "OUTPUT": str(tmp_path / "ref.tif")})
+    heat = gdal.Open(out["OUTPUT"]).ReadAsArray()
+    valid = (gdal.Open(src).ReadAsArray() != 0).all(axis=0)
+    assert np.isnan(heat[~valid]).all() and np.isfinite(heat[valid]).all()
+    from qgis_plugin.capture import read_bands
+    from qgis_plugin.tools.localize import auto_smooth, auto_window_sizes
+    from shared_protocol.client import Client
+    whole = read_bands(QgsRasterLayer(src, "src"))
+    with Client(live_backend.address, timeout=300) as client:  # the same canvas, sent directly, no mask
+        ref = client.localize(whole.pixels, ["river"], selo_mode="reference",
+                              window_sizes=auto_window_sizes(718, 791), smooth=auto_smooth(718, 791)).arrays
+    assert np.array_equal(heat[valid], ref["heatmaps"][0][valid])  # the 8-bit map / 255, as it came
+    assert set(np.unique(np.rint(heat[valid] * 255))) <= set(range(256))
+
+
 def test_processing_errors_are_plain(processing_ready, data_dir, tmp_path):
     from qgis.core import QgsProcessingException
     from qgis_plugin.backend_process import free_port
