@@ -379,12 +379,14 @@ def localize(engine: Engine, canvas: Union[np.ndarray, CanvasRef, None], params:
     """
     ref = canvas if isinstance(canvas, CanvasRef) else resolve_canvas(engine, canvas, params, mask)
     if params.get("selo_mode") == "reference":  # the original pipeline, step by step
-        if ref.valid is not None:
-            raise ProtocolError(ErrorCode.BAD_PARAMS, "selo_mode 'reference' runs the original SeLo pipeline, "
-                                "which has no notion of nodata: send no mask (and no alpha), or use selo_mode "
-                                "'fast'", {"param": "selo_mode"})
         from .selo_reference import localize_reference
-        return localize_reference(engine, ref, params, progress)
+        heat, result = localize_reference(engine, ref, params, progress)
+        if ref.valid is not None:  # the original has no nodata: it scores every window; the mask blanks the map
+            heat[:, ~ref.valid] = np.nan
+            result.setdefault("warnings", []).append(
+                "selo_mode 'reference' scores every window, nodata included, as the original pipeline does; the "
+                "mask only blanks the map (NaN). Use 'fast' to keep nodata out of the windows")
+        return heat, result
     h, w = ref.height, ref.width
     adapter = params.get("adapter")
     sizes = sorted(set(int(s) for s in params["window_sizes"]))

@@ -153,13 +153,15 @@ def test_reference_mode_through_the_service(engine):
     assert first.result["polygons"][0]["type"] == "FeatureCollection"
 
 
-def test_reference_mode_refuses_a_mask(engine):
-    """The original pipeline has no notion of nodata: a masked canvas is refused, not silently scored."""
-    from shared_protocol import ErrorCode, ProtocolError
+def test_reference_mode_with_a_mask_blanks_the_original_map(engine):
+    """The original pipeline has no notion of nodata: it scores every window, and the mask only blanks the map
+    (NaN there, the unmasked reference map elsewhere), with a warning."""
     canvas = _canvas(200, 200, seed=3)
     mask = np.ones((200, 200), np.uint8)
     mask[:, :50] = 0
-    with pytest.raises(ProtocolError) as err:
-        localize(engine, canvas, {"queries": ["q"], "window_sizes": [64], "selo_mode": "reference"}, _no_progress,
-                 mask=mask)
-    assert err.value.code == ErrorCode.BAD_PARAMS and err.value.details["param"] == "selo_mode"
+    params = {"queries": ["q"], "window_sizes": [64], "smooth": 31, "selo_mode": "reference"}
+    plain, _ = localize(engine, canvas, dict(params), _no_progress)
+    masked, result = localize(engine, canvas, dict(params), _no_progress, mask=mask)
+    assert np.isnan(masked[0][:, :50]).all()
+    assert np.array_equal(masked[0][:, 50:], plain[0][:, 50:])
+    assert any("reference" in w for w in result["warnings"])
