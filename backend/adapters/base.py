@@ -245,6 +245,11 @@ def check_base(header: Dict[str, Any], loaded, path: PathLike = "") -> None:
                     base.get("name"), loaded.name, loaded.arch)
 
 
+# settings that count examples, not widths: bounded on their own (a 200,000-example cache of 1024-d embeddings
+# is 800 MB; a header claiming more is refused before anything is allocated)
+COUNT_LIMITS = {"n_cache": 200_000}
+
+
 def check_config_sizes(config: Any, loaded, path: PathLike = "") -> None:
     """Refuse, before anything is allocated, a header whose sizes the base model cannot have made: every integer
     setting (a rank, a bottleneck, a context or prompt length, a depth) at most the base model's widest width,
@@ -262,9 +267,9 @@ def check_config_sizes(config: Any, loaded, path: PathLike = "") -> None:
         for item in items:
             if type(item) is not int:
                 continue
-            limit = deepest - 1 if isinstance(value, list) else widest
+            limit = COUNT_LIMITS.get(key) or (deepest - 1 if isinstance(value, list) else widest)
             if item < 0 or item > limit:
-                what = "a layer index" if isinstance(value, list) else "a size"
+                what = "a count" if key in COUNT_LIMITS else "a layer index" if isinstance(value, list) else "a size"
                 raise AdapterError(f"adapter {path}: {key} = {item} is not {what} the base model can have (at "
                                    f"most {limit}: widths up to {widest}, {deepest} layers); refusing to load it",
                                    reason="bad_adapter", setting=key)

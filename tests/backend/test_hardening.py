@@ -228,7 +228,7 @@ def test_an_adapter_header_with_impossible_sizes_is_refused_before_allocating(ti
 
 
 def test_info_shows_adapter_paths_to_local_clients_only(engine):
-    from backend.server import _peer_is_remote
+    from backend.server import peer_is_local
     from backend.service import ModelService
     meta = {"path": "/home/me/secret/runs/a.pt", "method": "gdpl",
             "config": {"domain_checkpoint": "/home/me/secret/dom.pt", "n_ctx": 2}}
@@ -243,8 +243,22 @@ def test_info_shows_adapter_paths_to_local_clients_only(engine):
 
         def get(self, key):
             return self.address
-    assert _peer_is_remote(Frame("192.168.1.20")) and not _peer_is_remote(Frame("127.0.0.1"))
-    assert not _peer_is_remote(Frame("::1")) and not _peer_is_remote(object())
+    tcp = "tcp://0.0.0.0:5555"
+    assert not peer_is_local(tcp, Frame("192.168.1.20")) and peer_is_local(tcp, Frame("127.0.0.1"))
+    assert peer_is_local(tcp, Frame("::1"))
+    assert not peer_is_local(tcp, object())  # no peer address on TCP: counted as remote
+    assert peer_is_local("ipc:///tmp/mapquery.sock", object())  # ipc is this machine
+
+
+def test_example_counts_in_a_header_are_bounded_on_their_own(tiny):
+    """An instant adapter's cache size counts examples, not widths: a real cache passes, a header claiming an
+    absurd one is refused before anything is allocated."""
+    from backend.adapters import AdapterError
+    from backend.adapters.base import COUNT_LIMITS, check_config_sizes
+    check_config_sizes({"classes": ["a", "b"], "n_cache": 96}, tiny)
+    with pytest.raises(AdapterError) as e:
+        check_config_sizes({"classes": ["a", "b"], "n_cache": COUNT_LIMITS["n_cache"] + 1}, tiny)
+    assert e.value.details["setting"] == "n_cache"
 
 
 def test_keys_cli_then_curve_serve_then_clients(tmp_path):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shared_protocol import ErrorCode, ProtocolError
+from backend.errors import DataError
 
 from ..base import AdaptedModel, MethodSpec, register
 from ..towers import AdapterError
@@ -51,8 +51,8 @@ class FeatureHead(AdaptedModel):
         own = {normalize_classname(c): i for i, c in enumerate(self.classes)}
         missing = [c for c in classes if normalize_classname(c) not in own]
         if missing:
-            raise ProtocolError(ErrorCode.BAD_PARAMS, f"the {self.method} adapter knows the classes "
-                                f"{self.classes}, not {missing}", {"reason": "unknown_class", "classes": self.classes})
+            raise DataError(f"the {self.method} adapter knows the classes {self.classes}, not {missing}",
+                            reason="unknown_class", classes=self.classes)
         return [own[normalize_classname(c)] for c in classes]
 
     def classify_features(self, feats: Tensor, classes: Sequence[str]) -> Tensor:
