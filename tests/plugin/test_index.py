@@ -1,0 +1,197 @@
+"""The Index tools (qgis_plugin/tools/index.py) against the live tiny backend: build an index of rasters written
+here (and RGB.byte.tif when present), list it, search it by text and by example polygons; the GeoPackage holds
+the backend's rows (raster, window, score order) in the rasters' CRS, the score surface is NaN where nothing was
+indexed; cancel of a build (a rerun resumes without duplicates); bad input gets clear messages."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from osgeo import gdal, osr
+from qgis.core import QgsFeature, QgsGeometry, QgsRasterLayer, QgsRectangle, QgsVectorLayer
+
+from shared_protocol import ErrorCode
+
+from qgis_plugin.connection import make_client
+from qgis_plugin.errors import PluginError
+from qgis_plugin.tasks import MapQueryTask, add_outcome, run_and_wait
+from qgis_plugin.tools.base import Common
+from qgis_plugin.tools.index import (IndexBuildParams, IndexBuildProcessor, IndexSearchParams, IndexSearchProcessor,
+                                     features_geojson, index_list, raster_file)
+
+H, W, NODATA_FROM = 256, 320, 200  # columns from NODATA_FROM on are nodata (0)
+ORIGIN, PX = (500000.0, 4200000.0), 2.0
+SIZES = [64, 128]
+
+
+def write_raster(path, h=H, w=W, nodata_from=NODATA_FROM, seed=3):
+    rng = np.random.default_rng(seed)
+    bands = rng.integers(1, 255, (3, h, w)).astype(np.uint8)
+    bands[:, :, nodata_from:] = 0
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), w, h, 3, gdal.GDT_Byte)
+    ds.SetGeoTransform((ORIGIN[0], PX, 0.0, ORIGIN[1], 0.0, -PX))
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    ds.SetProjection(srs.ExportToWkt())
+    for i in range(3):
+        ds.GetRasterBand(i + 1).WriteArray(bands[i])
+        ds.GetRasterBand(i + 1).SetNoDataValue(0)
+    ds = None
+    return str(path)
+
+
+def run(processor, settings):
+    task = run_and_wait(MapQueryTask(processor, settings), timeout=300)
+    return task
+
+
+@pytest.fixture(scope="module")
+def built(live_backend, tmp_path_factory):
+    """An index of the test raster (and RGB.byte.tif when present), built through the dock's task."""
+    tmp = tmp_path_factory.mktemp("index")
+    from conftest import DATA
+    rasters = [write_raster(tmp / "scene.tif")]
+    if (DATA / "RGB.byte.tif").exists():
+        rasters.append(str(shutil.copy(DATA / "RGB.byte.tif", tmp / "RGB.byte.tif")))
+    layers = [QgsRasterLayer(r, f"r{i}") for i, r in enumerate(rasters)]
+    params = IndexBuildParams(str(tmp / "idx"), [raster_file(lyr) for lyr in layers], window_sizes=SIZES)
+    task = run(IndexBuildProcessor(params, Common(out_dir=tmp)), live_backend)
+    assert task.error is None, task.message()
+    return tmp, rasters, task.outcome
+
+
+def test_build_then_list(built, live_backend):
+    tmp, rasters, outcome = built
+    reports = outcome.result["rasters"]
+    assert sorted(r["raster"] for r in reports) == sorted(rasters)
+    assert all(r["added"] > 0 for r in reports)
+    assert outcome.result["rows"] == sum(r["windows"] for r in reports)
+    assert "windows added" in outcome.summary and outcome.result["name"] in outcome.summary
+    client = make_client(live_backend)
+    try:
+        listed = index_list(client)
+    finally:
+        client.close()
+    mine = [i for i in listed if i["path"] == str(tmp / "idx")]
+    assert len(mine) == 1 and mine[0]["rows"] == outcome.result["rows"] and mine[0]["name"] == outcome.result["name"]
+
+
+def _gpkg_rows(path):
+    layer = QgsVectorLayer(path, "hits", "ogr")
+    assert layer.isValid()
+    feats = sorted(layer.getFeatures(), key=lambda f: f["rank"])
+    return layer, feats
+
+
+def _direct(settings, params):
+    client = make_client(settings)
+    try:
+        return client.request("index_search", params).result
+    finally:
+        client.close()
+
+
+def test_search_by_text(built, live_backend, project):
+    tmp, rasters, outcome = built
+    params = IndexSearchParams(outcome.result["name"], texts=["a harbour"], top_k=7, surface=True)
+    task = run(IndexSearchProcessor(params, Common(out_dir=tmp)), live_backend)
+    assert task.error is None, task.message()
+    out = task.outcome
+    expected = _direct(live_backend, {"index": str(tmp / "idx"), "texts": ["a harbour"], "top_k": 7})["rows"]
+    layer, feats = _gpkg_rows(out.layers[0].path)
+    assert [(f["raster"], f["window"], round(f["score"], 5)) for f in feats] == \
+        [(r["raster"], ",".join(map(str, r["window"])), round(r["score"], 5)) for r in expected]
+    scores = [f["score"] for f in feats]
+    assert scores == sorted(scores, reverse=True) and [f["rank"] for f in feats] == list(range(1, 8))
+    assert feats[0]["query"] == "a harbour" and feats[0]["model"] not in ("", "?")
+    if len({r["footprint"]["crs"] for r in expected}) == 1:  # one CRS: boxes in it, equal to the windows' bounds
+        assert layer.crs().authid() == QgsRasterLayer(expected[0]["raster"], "r").crs().authid()
+        for f, r in zip(feats, expected, strict=True):
+            bb = f.geometry().boundingBox()
+            assert np.allclose([bb.xMinimum(), bb.yMinimum(), bb.xMaximum(), bb.yMaximum()],
+                               r["footprint"]["bounds"])
+    else:  # several CRSs: the EPSG:4326 footprints
+        assert layer.crs().authid() == "EPSG:4326"
+        for f, r in zip(feats, expected, strict=True):
+            bb = f.geometry().boundingBox()
+            assert np.allclose([bb.xMinimum(), bb.yMinimum(), bb.xMaximum(), bb.yMaximum()],
+                               r["footprint"]["bounds_4326"], atol=1e-9)
+    # score surfaces: one per raster; the test raster's is NaN where nothing was indexed (its nodata columns)
+    surfaces = [s for s in out.layers if s.kind == "surface"]
+    assert len(surfaces) == len(rasters)
+    scene = next(s for s in surfaces if "scene.tif" in s.provenance["raster"])
+    ds = gdal.Open(scene.path)
+    arr = ds.GetRasterBand(1).ReadAsArray()
+    assert arr.shape == (H, W) and ds.GetGeoTransform() == (ORIGIN[0], PX, 0.0, ORIGIN[1], 0.0, -PX)
+    assert np.isnan(ds.GetRasterBand(1).GetNoDataValue())
+    assert np.isnan(arr[:, NODATA_FROM + SIZES[0]:]).all()
+    assert np.isfinite(arr[:, :NODATA_FROM - SIZES[0]]).all()
+    # loaded as styled layers in one group
+    group, layers = add_outcome(out, project)
+    assert [lyr.customProperty("mapquery_rs/output") for lyr in layers] == ["ranking"] + ["surface"] * len(rasters)
+    assert group.name().startswith("MapQuery: index search: a harbour")
+    assert layers[1].renderer().type() == "singlebandpseudocolor"
+
+
+def test_search_by_example_polygons(built, live_backend):
+    tmp, rasters, outcome = built
+    layer = QgsVectorLayer("Polygon?crs=EPSG:32633", "examples", "memory")
+    feats = []
+    for x0, y0 in ((10, 10), (60, 120)):  # pixel boxes inside the valid part of the scene
+        f = QgsFeature()
+        f.setGeometry(QgsGeometry.fromRect(QgsRectangle(ORIGIN[0] + x0 * PX, ORIGIN[1] - (y0 + 60) * PX,
+                                                        ORIGIN[0] + (x0 + 60) * PX, ORIGIN[1] - y0 * PX)))
+        feats.append(f)
+    layer.dataProvider().addFeatures(feats)
+    layer.selectByIds([layer.getFeatures().__next__().id()])
+    geojson, crs = features_geojson(layer)  # the selected feature only
+    assert crs == "EPSG:32633" and len(geojson["features"]) == 1
+    all_geojson, _ = features_geojson(layer, selected_only=False)
+    params = IndexSearchParams(str(tmp / "idx"), examples=geojson, negatives=all_geojson, examples_crs=crs,
+                               top_k=5, surface=False, extent=[ORIGIN[0], ORIGIN[1] - H * PX, ORIGIN[0] + W * PX,
+                                                                ORIGIN[1]], extent_crs=crs)
+    task = run(IndexSearchProcessor(params, Common(out_dir=tmp)), live_backend)
+    assert task.error is None, task.message()
+    expected = _direct(live_backend, {"index": str(tmp / "idx"), "examples": geojson, "negatives": all_geojson,
+                                      "examples_crs": crs, "top_k": 5, "extent": params.extent,
+                                      "extent_crs": crs})["rows"]
+    _, got = _gpkg_rows(task.outcome.layers[0].path)
+    assert [(f["raster"], f["window"]) for f in got] == [(r["raster"], ",".join(map(str, r["window"])))
+                                                         for r in expected]
+    assert all(r["raster"] == rasters[0] for r in expected)  # the extent keeps only the scene
+    assert [lyr.kind for lyr in task.outcome.layers] == ["ranking"]
+
+
+def test_bad_input_messages(built, live_backend, tmp_path):
+    tmp, rasters, outcome = built
+    wms = QgsRasterLayer("type=xyz&url=https://tile.example/{z}/{x}/{y}.png", "tiles", "wms")
+    with pytest.raises(PluginError, match="'tiles' is not a raster file"):
+        raster_file(wms)
+    with pytest.raises(PluginError, match="not a raster file"):
+        IndexBuildParams(str(tmp_path / "i"), [str(tmp_path / "missing.tif")])
+    with pytest.raises(PluginError, match="type a text or select example features"):
+        IndexSearchParams(outcome.result["name"], texts=["  "])
+    empty = QgsVectorLayer("Polygon?crs=EPSG:32633", "none", "memory")
+    with pytest.raises(PluginError, match="no selected features"):
+        features_geojson(empty)
+    # an index folder that does not exist: the backend's typed error, in words
+    task = run(IndexSearchProcessor(IndexSearchParams(str(tmp_path / "nowhere"), texts=["x"]),
+                                    Common(out_dir=tmp_path)), live_backend)
+    assert task.error is not None and "nowhere" in task.message()
+
+
+def test_cancel_then_resume(live_backend, tmp_path):
+    raster = write_raster(tmp_path / "big.tif", 1024, 1024, 1024, seed=9)
+    params = IndexBuildParams(str(tmp_path / "idx"), [raster], window_sizes=[32])
+    task = run_and_wait(MapQueryTask(IndexBuildProcessor(params, Common(out_dir=tmp_path)), live_backend),
+                        timeout=300, cancel_after=1.5)
+    assert task.error is not None and task.error.code == ErrorCode.CANCELLED and task.outcome is None
+    done = run(IndexBuildProcessor(params, Common(out_dir=tmp_path)), live_backend)  # waits for the backend
+    assert done.error is None, done.message()
+    report = done.outcome.result["rasters"][0]
+    assert report["status"] in ("resumed", "new")
+    assert done.outcome.result["rows"] == report["windows"]  # no duplicates
+    again = run(IndexBuildProcessor(params, Common(out_dir=tmp_path)), live_backend)
+    assert again.outcome.result["rasters"][0]["status"] == "unchanged" and again.outcome.result["rows"] == \
+        report["windows"]
