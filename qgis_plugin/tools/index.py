@@ -41,14 +41,17 @@ def raster_file(layer: Any) -> str:
 def features_geojson(layer: Any, selected_only: bool = True) -> Tuple[Dict[str, Any], str]:
     """The (selected) features of a vector layer as a GeoJSON FeatureCollection in the layer's CRS, and that CRS
     (authid, else WKT) for ``examples_crs``."""
-    feats = list(layer.getSelectedFeatures() if selected_only else layer.getFeatures())
-    geoms = [json.loads(f.geometry().asJson()) for f in feats if f.hasGeometry() and not f.geometry().isEmpty()]
+    feats = layer.getSelectedFeatures() if selected_only else layer.getFeatures()
+    return geojson_of(feats, layer.crs(), layer.name(), "selected features" if selected_only else "features")
+
+
+def geojson_of(features: Any, crs: Any, name: str, what: str = "features") -> Tuple[Dict[str, Any], str]:
+    """Features (a layer's, a Processing source's) as a GeoJSON FeatureCollection, and their CRS's name."""
+    geoms = [json.loads(f.geometry().asJson()) for f in features if f.hasGeometry() and not f.geometry().isEmpty()]
     if not geoms:
-        what = "selected features" if selected_only else "features"
-        raise PluginError(f"'{layer.name()}' has no {what} with a geometry to use as examples")
-    crs = layer.crs()
+        raise PluginError(f"'{name}' has no {what} with a geometry to use as examples")
     if not crs.isValid():
-        raise PluginError(f"'{layer.name()}' has no CRS: the examples cannot be placed on the rasters")
+        raise PluginError(f"'{name}' has no CRS: the examples cannot be placed on the rasters")
     return ({"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": g, "properties": {}}
                                                        for g in geoms]}, crs.authid() or crs.toWkt())
 

@@ -195,3 +195,42 @@ def test_cancel_then_resume(live_backend, tmp_path):
     again = run(IndexBuildProcessor(params, Common(out_dir=tmp_path)), live_backend)
     assert again.outcome.result["rasters"][0]["status"] == "unchanged" and again.outcome.result["rows"] == \
         report["windows"]
+
+
+def test_processing_build_and_search(processing_ready, live_backend, tmp_path):
+    import processing
+    from qgis.core import QgsProcessingException
+    raster = write_raster(tmp_path / "p.tif", seed=4)
+    built = processing.run("mapquery:indexbuild", {"RASTERS": [raster], "INDEX": str(tmp_path / "pidx"),
+                                                   "WINDOW_SIZES": "64, 128", "BACKEND": live_backend.address})
+    assert built["ROWS"] > 0 and built["NAME"]
+    examples = QgsVectorLayer("Polygon?crs=EPSG:32633", "ex", "memory")
+    f = QgsFeature()
+    f.setGeometry(QgsGeometry.fromRect(QgsRectangle(ORIGIN[0] + 20, ORIGIN[1] - 140, ORIGIN[0] + 140, ORIGIN[1] - 20)))
+    examples.dataProvider().addFeatures([f])
+    out = processing.run("mapquery:indexsearch", {
+        "INDEX": built["NAME"], "TEXT": "a field; a road", "EXAMPLES": examples, "TOP_K": 4,
+        "BACKEND": live_backend.address, "OUTPUT": str(tmp_path / "hits.gpkg"),
+        "SURFACE_FILES": str(tmp_path / "surf")})
+    expected = _direct(live_backend, {"index": built["NAME"], "texts": ["a field", "a road"],
+                                      "examples": index_geojson(examples), "examples_crs": "EPSG:32633",
+                                      "top_k": 4})["rows"]
+    hits = QgsVectorLayer(out["OUTPUT"], "hits")
+    assert hits.crs().authid() == "EPSG:32633"
+    got = sorted(hits.getFeatures(), key=lambda f: f["rank"])
+    assert [(g["window"], round(g["score"], 5)) for g in got] == \
+        [(",".join(map(str, r["window"])), round(r["score"], 5)) for r in expected]
+    assert len(out["SURFACE_LAYERS"]) == 1
+    arr = gdal.Open(out["SURFACE_LAYERS"][0]).ReadAsArray()
+    assert np.isnan(arr[:, NODATA_FROM + SIZES[0]:]).all() and np.isfinite(arr[:, :NODATA_FROM - SIZES[0]]).all()
+    with pytest.raises(QgsProcessingException, match="type a text or select example features"):
+        processing.run("mapquery:indexsearch", {"INDEX": built["NAME"], "BACKEND": live_backend.address,
+                                                "OUTPUT": str(tmp_path / "none.gpkg")})
+    wms = QgsRasterLayer("type=xyz&url=https://tile.example/{z}/{x}/{y}.png", "tiles", "wms")
+    with pytest.raises(QgsProcessingException, match="not a raster file"):
+        processing.run("mapquery:indexbuild", {"RASTERS": [wms], "INDEX": str(tmp_path / "w"),
+                                               "BACKEND": live_backend.address})
+
+
+def index_geojson(layer):
+    return features_geojson(layer, selected_only=False)[0]
