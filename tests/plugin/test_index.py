@@ -234,3 +234,67 @@ def test_processing_build_and_search(processing_ready, live_backend, tmp_path):
 
 def index_geojson(layer):
     return features_geojson(layer, selected_only=False)[0]
+
+
+def test_dock_index_tab_builds_lists_and_searches(qgis_app, project, live_backend, tmp_path):
+    """The Index tab driven like a user: check a raster layer (a WMS layer is refused), build with progress,
+    the index is listed, search by text + the selected features of a layer -> a group with the ranked
+    footprints and the score surface."""
+    import qgis_plugin
+    from qgis.core import Qgis, QgsLayerTreeGroup
+    from qgis_plugin.settings import Settings
+    from test_dock import FakeIface, spin
+    Settings(mode="connect", address=live_backend.address, timeout_s=60, output_dir=str(tmp_path / "out")).save()
+    iface = FakeIface()
+    raster = QgsRasterLayer(write_raster(tmp_path / "d.tif", seed=6), "scene")
+    wms = QgsRasterLayer("type=xyz&url=https://tile.example/{z}/{x}/{y}.png", "tiles", "wms")
+    examples = QgsVectorLayer("Polygon?crs=EPSG:32633", "ex", "memory")
+    f = QgsFeature()
+    f.setGeometry(QgsGeometry.fromRect(QgsRectangle(ORIGIN[0] + 20, ORIGIN[1] - 140, ORIGIN[0] + 140, ORIGIN[1] - 20)))
+    examples.dataProvider().addFeatures([f])
+    examples.selectAll()
+    project.addMapLayers([raster, wms, examples])
+    iface.canvas.setDestinationCrs(raster.crs())
+    iface.canvas.setExtent(raster.extent())
+    plugin = qgis_plugin.classFactory(iface)
+    plugin.initGui()
+    try:
+        dock = plugin.show_dock()
+        tab = dock.index_tab
+        assert dock.tabs.tabText(dock.tabs.indexOf(tab)) == "Index"
+        assert {tab.raster_list.item(i).text() for i in range(tab.raster_list.count())} == {"scene", "tiles"}
+        tab.folder_edit.setText(str(tmp_path / "didx"))
+        tab.sizes_edit.setText("64, 128")
+        tab.set_checked([raster.id(), wms.id()])
+        assert tab.build() is None and "'tiles' is not a raster file" in iface.bar.messages[-1][1]
+        tab.set_checked([raster.id()])
+        progress = []
+        task = tab.build()
+        task.progressChanged.connect(progress.append)
+        spin(lambda: task.done and dock.active is None, 120)
+        assert task.error is None, task.message()
+        assert iface.bar.messages[-1][1].startswith("index build: didx") and progress and max(progress) == 100.0
+        spin(lambda: tab.index_combo.findText("didx") >= 0, 60)  # listed after the build
+        assert tab.index_combo.currentText() == "didx"
+        tab.text_edit.setText("a roof")
+        tab.examples_combo.setLayer(examples)
+        tab.topk.setValue(5)
+        tab.view_only.setChecked(True)
+        task = tab.search()
+        spin(lambda: task.done and dock.active is None, 120)
+        assert task.error is None, task.message()
+        errors = [m for lvl, m in iface.bar.messages if lvl == Qgis.Critical]
+        assert not errors, errors
+        sent = task.processor.request_params()
+        assert sent["examples_crs"] == "EPSG:32633" and sent["extent_crs"] == "EPSG:32633" and sent["texts"] == \
+            ["a roof"] and len(sent["examples"]["features"]) == 1
+        group = next(c for c in project.layerTreeRoot().children() if isinstance(c, QgsLayerTreeGroup))
+        assert group.name() == "MapQuery: index search: a roof + examples [index didx]"
+        kinds = [lyr.layer().customProperty("mapquery_rs/output") for lyr in group.findLayers()]
+        assert kinds == ["ranking", "surface"]
+        assert group.findLayers()[0].layer().featureCount() == 5
+        tab.text_edit.setText("")
+        tab.examples_combo.setLayer(None)
+        assert tab.search() is None and "type a text or select example features" in iface.bar.messages[-1][1]
+    finally:
+        plugin.unload()
