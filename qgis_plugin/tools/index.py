@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from shared_protocol import ErrorCode, ProtocolError
 from shared_protocol.ops import INDEX_BUILD, INDEX_SEARCH
 
 from ..errors import PluginError
@@ -24,6 +25,7 @@ FIELDS = [("rank", "int"), ("score", "double"), ("raster", "string"), ("window",
           ("row", "int"), ("width", "int"), ("height", "int"), ("size", "int"), ("raster_date", "string"),
           ("index_name", "string"), *PROVENANCE_FIELDS]
 WGS84 = "EPSG:4326"
+BUILD_TIMEOUT_S = 7 * 24 * 3600.0  # a build is one long request: its liveness is the heartbeat, not a deadline
 
 
 # -- inputs from QGIS layers --------------------------------------------------------------------------
@@ -56,9 +58,9 @@ def geojson_of(features: Any, crs: Any, name: str, what: str = "features") -> Tu
                                                        for g in geoms]}, crs.authid() or crs.toWkt())
 
 
-def _request(client: Any, op: str, params: Dict[str, Any], fb: Feedback) -> Any:
+def _request(client: Any, op: str, params: Dict[str, Any], fb: Feedback, **kw: Any) -> Any:
     fb.check()
-    return client.request(op, params, {}, on_progress=fb.scaled(0.0, 0.95), cancel=fb.cancel)
+    return client.request(op, params, {}, on_progress=fb.scaled(0.0, 0.95), cancel=fb.cancel, **kw)
 
 
 # -- build --------------------------------------------------------------------------------------------
@@ -98,7 +100,7 @@ class IndexBuildProcessor:
         return {k: v for k, v in params.items() if k in {q.name for q in INDEX_BUILD.params}}
 
     def run(self, client: Any, fb: Feedback) -> Outcome:
-        reply = _request(client, "index_build", self.request_params(), fb)
+        reply = _request(client, "index_build", self.request_params(), fb, timeout=BUILD_TIMEOUT_S, retries=0)
         fb.progress(1.0, "done")
         r = reply.result
         return Outcome(self.title, [], [], build_summary(r), [str(w) for w in r.get("warnings") or ()], r)
@@ -205,8 +207,17 @@ class IndexSearchProcessor:
         return {k: v for k, v in params.items() if k in {q.name for q in INDEX_SEARCH.params}}
 
     def compute(self, client: Any, fb: Feedback) -> IndexSearchResult:
-        reply = _request(client, "index_search", self.request_params(), fb)
-        r = reply.result
+        params = self.request_params()
+        warnings: List[str] = []
+        try:
+            reply = _request(client, "index_search", params, fb)
+        except ProtocolError as exc:
+            if exc.code != ErrorCode.TOO_LARGE or not params.get("surface"):
+                raise
+            warnings.append(f"no score surfaces: {exc.message}")  # too many rasters in one reply: rows only
+            reply = _request(client, "index_search", {**params, "surface": False}, fb)
+        r = dict(reply.result)
+        r["warnings"] = [str(w) for w in r.get("warnings") or ()] + warnings
         prov = {"query": self.params.label(), "model": str(r.get("model") or "?"),
                 "adapter": str(r.get("adapter") or self.common.adapter or "(base model)"),
                 "tiling": f"index {r.get('index', self.params.index)} ({r.get('path', '')})",

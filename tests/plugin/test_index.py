@@ -4,6 +4,7 @@ the backend's rows (raster, window, score order) in the rasters' CRS, the score 
 indexed; cancel of a build (a rerun resumes without duplicates); bad input gets clear messages."""
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -187,14 +188,28 @@ def test_cancel_then_resume(live_backend, tmp_path):
     task = run_and_wait(MapQueryTask(IndexBuildProcessor(params, Common(out_dir=tmp_path)), live_backend),
                         timeout=300, cancel_after=1.5)
     assert task.error is not None and task.error.code == ErrorCode.CANCELLED and task.outcome is None
-    done = run(IndexBuildProcessor(params, Common(out_dir=tmp_path)), live_backend)  # waits for the backend
+    short = dataclasses.replace(live_backend, timeout_s=0.3)  # a build outlives the per-request timeout
+    done = run(IndexBuildProcessor(params, Common(out_dir=tmp_path)), short)  # waits for the backend
     assert done.error is None, done.message()
+    assert done.outcome.result["elapsed_s"] > short.timeout_s
     report = done.outcome.result["rasters"][0]
     assert report["status"] in ("resumed", "new")
     assert done.outcome.result["rows"] == report["windows"]  # no duplicates
     again = run(IndexBuildProcessor(params, Common(out_dir=tmp_path)), live_backend)
     assert again.outcome.result["rasters"][0]["status"] == "unchanged" and again.outcome.result["rows"] == \
         report["windows"]
+
+
+def test_too_many_surfaces_gives_the_rows_and_a_warning(live_backend, tmp_path):
+    """More rasters than one reply's score surfaces (the backend's limit): the rows still come, with a warning."""
+    rasters = [write_raster(tmp_path / f"s{i}.tif", 64, 64, 64, seed=i) for i in range(17)]
+    build = run(IndexBuildProcessor(IndexBuildParams(str(tmp_path / "many"), rasters, [64]), Common()), live_backend)
+    assert build.error is None, build.message()
+    task = run(IndexSearchProcessor(IndexSearchParams(str(tmp_path / "many"), texts=["water"], top_k=3,
+                                                      surface=True), Common(out_dir=tmp_path)), live_backend)
+    assert task.error is None, task.message()
+    assert [lyr.kind for lyr in task.outcome.layers] == ["ranking"] and len(task.outcome.rows) == 3
+    assert any("no score surfaces" in w and "16" in w for w in task.outcome.warnings)
 
 
 def test_processing_build_and_search(processing_ready, live_backend, tmp_path):
