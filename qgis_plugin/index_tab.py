@@ -7,13 +7,16 @@ progress bar and Cancel button); layers are added by the dock's ``task_done`` on
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from qgis.core import Qgis, QgsApplication, QgsMapLayerProxyModel, QgsProject, QgsRasterLayer
+from qgis.core import (Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform,
+                       QgsMapLayerProxyModel, QgsProject, QgsRasterLayer, QgsRectangle)
 from qgis.gui import QgsMapLayerComboBox
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLineEdit,
-                                 QListWidget, QListWidgetItem, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+                                 QListWidget, QListWidgetItem, QPushButton, QSpinBox, QTableWidget, QTableWidgetItem,
+                                 QVBoxLayout, QWidget)
 
 from .errors import PluginError
 from .tasks import MapQueryTask
@@ -38,6 +41,8 @@ class IndexTab(QWidget):
         super().__init__()
         self.dock = dock
         self.indexes: List[Dict[str, Any]] = []
+        self.hit_rows: List[Dict[str, Any]] = []
+        self.hit_crs = "EPSG:4326"
         self._list_tasks: List[MapQueryTask] = []
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
@@ -111,6 +116,13 @@ class IndexTab(QWidget):
         btn = QPushButton("Search the index")
         btn.clicked.connect(self.search)
         form.addRow(btn)
+        self.hits = QTableWidget(0, 3)
+        self.hits.setHorizontalHeaderLabels(["rank", "score", "raster"])
+        self.hits.setEditTriggers(QTableWidget.NoEditTriggers)
+        self.hits.setSelectionBehavior(QTableWidget.SelectRows)
+        self.hits.setMaximumHeight(160)
+        self.hits.cellClicked.connect(self.zoom_to_hit)
+        form.addRow(self.hits)
         return box
 
     @staticmethod
@@ -210,11 +222,32 @@ class IndexTab(QWidget):
 
     def task_done(self, task: MapQueryTask) -> None:
         self.dock.task_done(task)
+        if isinstance(task.processor, IndexSearchProcessor) and task.outcome is not None:
+            self.show_hits(task.outcome.rows, str(task.outcome.result.get("footprint_crs") or "EPSG:4326"))
         if isinstance(task.processor, IndexBuildProcessor) and task.outcome is not None:
             name = str(task.outcome.result.get("name") or "")
             if name:
                 self.index_combo.setEditText(name)
             self.list_indexes()
+
+    def show_hits(self, rows: List[Dict[str, Any]], crs: str) -> None:
+        """The ranked windows of the last search (click one to zoom to it)."""
+        self.hit_rows, self.hit_crs = list(rows), crs
+        self.hits.setRowCount(len(rows))
+        for i, r in enumerate(rows):
+            for j, text in enumerate((str(r["rank"]), f"{r['score']:.3f}", Path(str(r["raster"])).name)):
+                self.hits.setItem(i, j, QTableWidgetItem(text))
+
+    def zoom_to_hit(self, row: int, _col: int = 0) -> None:
+        r = self.hit_rows[row]
+        rect = QgsRectangle(r["xmin"], r["ymin"], r["xmax"], r["ymax"])
+        canvas = self.dock._canvas()
+        dest = canvas.mapSettings().destinationCrs()
+        src = QgsCoordinateReferenceSystem(self.hit_crs)
+        if src != dest:
+            rect = QgsCoordinateTransform(src, dest, QgsProject.instance()).transformBoundingBox(rect)
+        canvas.setExtent(rect.buffered(max(rect.width(), rect.height()) * 0.25))
+        canvas.refresh()
 
     def list_indexes(self) -> MapQueryTask:
         """Ask the backend for its indexes in a task of its own (never blocks the dock's active task)."""

@@ -179,7 +179,9 @@ def footprint_rows(hits: Sequence[Dict[str, Any]], prov: Dict[str, Any]) -> Tupl
         rows.append((ring, {**prov, "rank": rank, "score": float(h["score"]), "raster": h["raster"],
                             "window": f"{col},{row},{w},{ht}", "col": col, "row": row, "width": w, "height": ht,
                             "size": int(h.get("size") or w), "raster_date": str(h.get("date") or ""),
-                            "resolution": res if common is not None else None}))
+                            "resolution": res if common is not None else None,
+                            "xmin": min(x for x, _ in ring), "ymin": min(y for _, y in ring),
+                            "xmax": max(x for x, _ in ring), "ymax": max(y for _, y in ring)}))
     return rows, common or WGS84
 
 
@@ -246,7 +248,7 @@ class IndexSearchProcessor:
         summary = (f"{len(res.rows)} of {res.result.get('total_rows', '?')} windows; {best}"
                    + (f"; {len(res.surfaces)} score surface(s)" if res.surfaces else ""))
         return Outcome(self.title, specs, [a for _, a in res.rows], summary,
-                       [str(w) for w in res.result.get("warnings") or ()], res.result,
+                       [str(w) for w in res.result.get("warnings") or ()], {**res.result, "footprint_crs": res.crs},
                        f"index {res.result.get('index', self.params.index)}")
 
 

@@ -307,7 +307,18 @@ def test_dock_index_tab_builds_lists_and_searches(qgis_app, project, live_backen
         assert group.name() == "MapQuery: index search: a roof + examples [index didx]"
         kinds = [lyr.layer().customProperty("mapquery_rs/output") for lyr in group.findLayers()]
         assert kinds == ["ranking", "surface"]
-        assert group.findLayers()[0].layer().featureCount() == 5
+        hits = group.findLayers()[0].layer()
+        assert hits.featureCount() == 5 and tab.hits.rowCount() == 5
+        first = next(f for f in hits.getFeatures() if f["rank"] == 1)
+        assert tab.hits.item(0, 0).text() == "1" and tab.hits.item(0, 1).text() == f"{first['score']:.3f}"
+        tab.zoom_to_hit(0)  # the canvas (same CRS) shows the first hit's footprint
+        assert iface.canvas.extent().contains(first.geometry().boundingBox())
+        view = iface.canvas.extent()  # the canvas keeps its aspect ratio: one side fits the footprint + margins
+        assert min(view.width(), view.height()) < 2 * first.geometry().boundingBox().width()
+        surface = group.findLayers()[1].layer()
+        arr = gdal.Open(surface.source()).ReadAsArray()
+        assert surface.renderer().classificationMin() == pytest.approx(float(np.nanmin(arr)), abs=1e-6)
+        assert surface.renderer().classificationMax() == pytest.approx(float(np.nanmax(arr)), abs=1e-6)
         tab.text_edit.setText("")
         tab.examples_combo.setLayer(None)
         assert tab.search() is None and "type a text or select example features" in iface.bar.messages[-1][1]
