@@ -162,18 +162,14 @@ class IndexSearchResult:
 
 
 def footprint_rows(hits: Sequence[Dict[str, Any]], prov: Dict[str, Any]) -> Tuple[List[Row], str]:
-    """Rings and attributes of ranked hits: boxes in the rasters' CRS when they all share one (the windows'
-    bounds), else the EPSG:4326 footprint polygons."""
+    """Rings and attributes of ranked hits: in the rasters' CRS when they all share one (the windows' bounds; a
+    rotated raster's footprint polygons), else the EPSG:4326 footprint polygons."""
     crss = {h["footprint"]["crs"] for h in hits}
     common = crss.pop() if len(crss) == 1 else None
     rows: List[Row] = []
     for rank, h in enumerate(hits, start=1):
         fp = h["footprint"]
-        if common is not None:
-            x0, y0, x1, y1 = fp["bounds"]
-            ring = [(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)]
-        else:
-            ring = _wkt_ring(fp["wkt"])
+        ring = _wkt_ring(fp["wkt"], common) if common is None or _rotated(fp, common) else _box(fp["bounds"])
         col, row, w, ht = (int(v) for v in h["window"])
         res = (fp["bounds"][2] - fp["bounds"][0]) / w if w else None
         rows.append((ring, {**prov, "rank": rank, "score": float(h["score"]), "raster": h["raster"],
@@ -185,9 +181,31 @@ def footprint_rows(hits: Sequence[Dict[str, Any]], prov: Dict[str, Any]) -> Tupl
     return rows, common or WGS84
 
 
-def _wkt_ring(wkt: str) -> List[Tuple[float, float]]:
-    from qgis.core import QgsGeometry
+def _box(bounds: Sequence[float]) -> List[Tuple[float, float]]:
+    x0, y0, x1, y1 = bounds
+    return [(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)]
+
+
+def _geometry(wkt: str, crs: Optional[str]) -> Any:
+    """The EPSG:4326 footprint polygon, in ``crs`` when given."""
+    from qgis.core import QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsGeometry, QgsProject
     geom = QgsGeometry.fromWkt(wkt)
+    if crs:
+        geom.transform(QgsCoordinateTransform(QgsCoordinateReferenceSystem(WGS84), QgsCoordinateReferenceSystem(crs),
+                                              QgsProject.instance()))
+    return geom
+
+
+def _rotated(footprint: Dict[str, Any], crs: str) -> bool:
+    """Whether a window's footprint is not its bounding box (a rotated raster): then the polygon is used."""
+    geom = _geometry(footprint["wkt"], crs)
+    x0, y0, x1, y1 = footprint["bounds"]
+    box = (x1 - x0) * (y1 - y0)
+    return box > 0 and geom.area() < 0.99 * box
+
+
+def _wkt_ring(wkt: str, crs: Optional[str] = None) -> List[Tuple[float, float]]:
+    geom = _geometry(wkt, crs)
     poly = geom.asPolygon() or (geom.asMultiPolygon() or [[[]]])[0]
     return [(p.x(), p.y()) for p in poly[0]]
 

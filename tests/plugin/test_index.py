@@ -324,3 +324,28 @@ def test_dock_index_tab_builds_lists_and_searches(qgis_app, project, live_backen
         assert tab.search() is None and "type a text or select example features" in iface.bar.messages[-1][1]
     finally:
         plugin.unload()
+
+
+def test_rotated_raster_gives_rotated_footprints(live_backend, tmp_path):
+    """A rotated raster's hits are its windows' rotated footprints in its CRS (from its geotransform)."""
+    path = write_raster(tmp_path / "rot.tif", 192, 192, 192, seed=11)
+    gt = (ORIGIN[0], 1.8, 0.6, ORIGIN[1], 0.6, -1.8)  # rotated about 18 degrees
+    ds = gdal.Open(path, gdal.GA_Update)
+    ds.SetGeoTransform(gt)
+    ds = None
+    build = run(IndexBuildProcessor(IndexBuildParams(str(tmp_path / "rot"), [path], [64]), Common()), live_backend)
+    assert build.error is None, build.message()
+    task = run(IndexSearchProcessor(IndexSearchParams(str(tmp_path / "rot"), texts=["a lake"], top_k=4,
+                                                      surface=False), Common(out_dir=tmp_path)), live_backend)
+    assert task.error is None, task.message()
+    layer, feats = _gpkg_rows(task.outcome.layers[0].path)
+    assert layer.crs().authid() == "EPSG:32633" and len(feats) == 4
+    for f in feats:
+        col, row, w, h = f["col"], f["row"], f["width"], f["height"]
+        corners = [(gt[0] + c * gt[1] + r * gt[2], gt[3] + c * gt[4] + r * gt[5])
+                   for c, r in ((col, row), (col + w, row), (col + w, row + h), (col, row + h))]
+        ring = [(p.x(), p.y()) for p in f.geometry().asPolygon()[0]]
+        bb = f.geometry().boundingBox()
+        assert f.geometry().area() < 0.9 * bb.width() * bb.height()  # not the bounding box
+        for cx, cy in corners:  # every window corner is a vertex of the footprint (within 1 cm: the backend's
+            assert min(np.hypot(cx - x, cy - y) for x, y in ring) < 0.01  # EPSG:4326 WKT is rounded)
