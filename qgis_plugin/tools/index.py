@@ -270,6 +270,6 @@ class IndexSearchProcessor:
                        f"index {res.result.get('index', self.params.index)}")
 
 
-def index_list(client: Any, fb: Optional[Feedback] = None) -> List[Dict[str, Any]]:
+def index_list(client: Any) -> List[Dict[str, Any]]:
     """The indexes open on the backend (name, path, rows)."""
     return list(client.request("index_info", {"index": None}).result.get("indexes") or [])
