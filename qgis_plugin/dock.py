@@ -24,6 +24,7 @@ from shared_protocol.defaults import DEFAULT_TILE_SIZE
 from . import capture as cap_mod
 from .connection import describe, probe
 from .errors import PluginError, is_cancel, plain_message
+from .index_tab import IndexTab
 from .layers import is_output, project_sources
 from .manager import BackendManager
 from .masks import AreaOfInterest
@@ -111,6 +112,8 @@ class MapQueryDock(QDockWidget):
         self.tabs.addTab(self._classify_tab(), "Classify")
         self.tabs.addTab(self._search_tab(), "Search")
         self.tabs.addTab(self._localize_tab(), "Localize")
+        self.index_tab = IndexTab(self)
+        self.tabs.addTab(self.index_tab, "Index")
         lay.addWidget(self.tabs)
         row = QHBoxLayout()
         self.progress = QProgressBar()
@@ -709,7 +712,8 @@ class MapQueryDock(QDockWidget):
             return
         outcome = task.outcome
         try:
-            add_outcome(outcome, QgsProject.instance(), self.manager.settings.heatmap_opacity)
+            if outcome.layers:  # an index build makes no layer
+                add_outcome(outcome, QgsProject.instance(), self.manager.settings.heatmap_opacity)
         except PluginError as exc:
             self.message(str(exc), Qgis.Critical, 0)
             return

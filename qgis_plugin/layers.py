@@ -78,6 +78,31 @@ def style_heatmap(layer: QgsRasterLayer, opacity: float = 0.6, transparent_below
     return mark_output(layer, "heatmap")
 
 
+def surface_layer(path: str, name: str, opacity: float = 0.6) -> QgsRasterLayer:
+    """An index's score surface (raw cosine scores, NaN = not indexed): styled like a heatmap over its own range."""
+    layer = QgsRasterLayer(path, name, "gdal")
+    if not layer.isValid():
+        raise PluginError(f"QGIS cannot open the score surface {path}")
+    return style_surface(layer, opacity)
+
+
+def style_surface(layer: QgsRasterLayer, opacity: float = 0.6) -> QgsRasterLayer:
+    """Style a score surface: the heatmap ramp stretched over its valid scores, NaN transparent."""
+    from qgis.core import QgsRasterBandStats
+    stats = layer.dataProvider().bandStatistics(1, QgsRasterBandStats.Min | QgsRasterBandStats.Max)
+    lo, hi = float(stats.minimumValue), float(stats.maximumValue)
+    style_heatmap(layer, opacity, transparent_below=-1e30)
+    renderer = layer.renderer()
+    if hi > lo:
+        shader_fn = QgsColorRampShader(lo, hi, heat_ramp(), QgsColorRampShader.Interpolated)
+        shader_fn.classifyColorRamp(len(RAMP_STOPS) * 2 + 1, 1, layer.extent(), layer.dataProvider())
+        renderer.shader().setRasterShaderFunction(shader_fn)
+        renderer.setClassificationMin(lo)
+        renderer.setClassificationMax(hi)
+    renderer.setRasterTransparency(QgsRasterTransparency())
+    return mark_output(layer, "surface")
+
+
 LABEL_MIN_PX = 64  # labels show once a tile is at least this many screen pixels across
 SCREEN_M_PER_PX = 0.0254 / 96  # a 96 dpi screen pixel, in metres
 

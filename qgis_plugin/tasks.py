@@ -12,7 +12,8 @@ from shared_protocol import ErrorCode, ProtocolError
 
 from .connection import make_client
 from .errors import plain_message
-from .layers import add_group, classification_layer, heatmap_layer, ranking_layer, regions_layer, set_provenance
+from .layers import (add_group, classification_layer, heatmap_layer, ranking_layer, regions_layer, set_provenance,
+                     surface_layer)
 from .tools.base import Feedback, Outcome
 from .settings import Settings
 
@@ -91,6 +92,8 @@ def build_layers(outcome: Outcome, opacity: float = 0.6) -> List[Any]:
             layer = classification_layer(spec.path, spec.name, spec.classes)
         elif spec.kind == "ranking":
             layer = ranking_layer(spec.path, spec.name)
+        elif spec.kind == "surface":
+            layer = surface_layer(spec.path, spec.name, opacity)
         elif spec.kind == "regions":
             layer = regions_layer(spec.path, spec.name)
         else:

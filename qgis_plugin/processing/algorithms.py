@@ -108,6 +108,10 @@ class _Base(QgsProcessingAlgorithm):
         self._advanced(QgsProcessingParameterNumber(
             self.MIN_VALID, _tr("Least share of valid pixels in a tile or window (0-1)"),
             QgsProcessingParameterNumber.Double, MIN_VALID_SHARE, minValue=0.0, maxValue=1.0))
+        self._backend_params()
+
+    def _backend_params(self) -> None:
+        """The backend's address, token, adapter and timeout (advanced)."""
         settings = Settings.load()
         for name, text, default, optional in (
                 (self.BACKEND, "Backend address", settings.address, False),
@@ -130,6 +134,12 @@ class _Base(QgsProcessingAlgorithm):
         if aoi_source is not None:
             aoi = AreaOfInterest.of_features(aoi_source.getFeatures(), aoi_source.sourceCrs(),
                                              context.transformContext(), "AOI")
+        settings, common, fb = self._backend(parameters, context, feedback)
+        min_valid = self.parameterAsDouble(parameters, self.MIN_VALID, context)
+        return RasterBlocks(layer, bands, res, aoi), layer, settings, common, fb, min_valid
+
+    def _backend(self, parameters: Dict[str, Any], context: Any, feedback: Any):
+        """(settings, common, tool feedback) from the backend parameters; Processing's cancel sets the event."""
         settings = Settings.load()
         settings.address = self.parameterAsString(parameters, self.BACKEND, context) or settings.address
         settings.token = self.parameterAsString(parameters, self.TOKEN, context) or settings.token
@@ -140,8 +150,7 @@ class _Base(QgsProcessingAlgorithm):
         if feedback.isCanceled():
             cancel.set()
         fb = Feedback(lambda p, m: feedback.setProgress(100.0 * p), cancel)
-        min_valid = self.parameterAsDouble(parameters, self.MIN_VALID, context)
-        return RasterBlocks(layer, bands, res, aoi), layer, settings, common, fb, min_valid
+        return settings, common, fb
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         try:

@@ -7,6 +7,7 @@ from qgis.core import QgsProcessingProvider
 from qgis.PyQt.QtGui import QIcon
 
 from .algorithms import ClassifyRasterAlgorithm, LocalizeRasterAlgorithm, RankRasterAlgorithm
+from .index_algorithms import IndexBuildAlgorithm, IndexSearchAlgorithm
 
 
 class MapQueryProvider(QgsProcessingProvider):
@@ -20,5 +21,6 @@ class MapQueryProvider(QgsProcessingProvider):
         return QIcon(os.path.join(os.path.dirname(os.path.dirname(__file__)), "icon.svg"))
 
     def loadAlgorithms(self) -> None:  # noqa: N802
-        for alg in (ClassifyRasterAlgorithm(), LocalizeRasterAlgorithm(), RankRasterAlgorithm()):
+        for alg in (ClassifyRasterAlgorithm(), LocalizeRasterAlgorithm(), RankRasterAlgorithm(), IndexBuildAlgorithm(),
+                    IndexSearchAlgorithm()):
             self.addAlgorithm(alg)

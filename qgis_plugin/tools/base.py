@@ -51,7 +51,7 @@ class Feedback:
 class LayerSpec:
     """A file to load as a layer once the task is done."""
 
-    kind: str  # "heatmap", "classification" or "ranking"
+    kind: str  # "heatmap", "classification", "ranking", "regions" or "surface" (an index's score surface)
     path: str
     name: str
     classes: List[str] = field(default_factory=list)
