@@ -208,11 +208,13 @@ class AdaptTab(QWidget):
 
     def show_report(self, rows: List[Dict[str, Any]], classes: List[str]) -> None:
         """Rows: classes and 'all'; columns: zero-shot %, adapted %, then the confusion matrix's columns."""
-        headers = ["zero-shot %", "adapted %"] + [f"→ {c}" for c in classes]
+        headers = ["0-shot %", "adapted %"] + [f"→{c[:8]}" for c in classes]
         self.report.clear()
         self.report.setColumnCount(len(headers))
         self.report.setRowCount(len(rows))
         self.report.setHorizontalHeaderLabels(headers)
+        for j, c in enumerate(classes):
+            self.report.horizontalHeaderItem(2 + j).setToolTip(f"held-out chips predicted as {c}")
         self.report.setVerticalHeaderLabels([r["class"] for r in rows])
         for i, r in enumerate(rows):
             values = [r["zero_shot"], r["adapted"]]

@@ -113,7 +113,7 @@ def test_chips_match_gdal_valid_only_groups_and_crs(qgis_app, tmp_path):
     assert cs.classes == ["field", "forest"]
     got = 0
     fid_of = {f.id(): f["landcover"] for f in layer.getFeatures()}
-    for k, (x0, y0, x1, y1, name) in enumerate(boxes):
+    for k, (x0, _y0, x1, y1, name) in enumerate(boxes):
         c0, r0, w = int(x0 - X0), int(Y1 - y1), int(x1 - x0)
         want = expected_chips(data, c0, r0, w)
         fid = sorted(fid_of)[k]
@@ -123,7 +123,7 @@ def test_chips_match_gdal_valid_only_groups_and_crs(qgis_app, tmp_path):
         g = cs.fids.index(fid)
         mine = cs.chips[cs.groups == g]
         assert len(mine) == len(want), (name, len(mine), len(want))
-        for a, b in zip(mine, want):
+        for a, b in zip(mine, want, strict=True):
             assert np.array_equal(a, b)
         assert set(cs.labels[cs.groups == g]) == {cs.classes.index(name)}
         got += len(want)
@@ -148,7 +148,7 @@ def test_point_chip_centred_on_point(qgis_app, tmp_path):
         layer.dataProvider().addFeatures([f])
     cs = processor(tmp_path / "scene.tif", layer).cut()
     assert len(cs.chips) == 4
-    for chip, (c, r, _) in zip(cs.chips, pts):
+    for chip, (c, r, _) in zip(cs.chips, pts, strict=True):
         assert np.array_equal(chip, data[:, r - 8:r + 8, c - 8:c + 8].transpose(1, 2, 0))
     assert sorted(cs.groups.tolist()) == [0, 1, 2, 3]
 
@@ -248,3 +248,48 @@ def test_live_train_classify_unsure_cancel(qgis_app, tmp_path, adapt_backend):
         assert info.value.code == "cancelled"
     with make_client(adapt_backend) as client:
         assert "cancelled-one" not in [a["name"] for a in client.info()["adapters"]]
+
+
+def test_desktop_adapt_tab(qgis_app, tmp_path, adapt_backend):
+    """The real QGIS desktop under xvfb: the Adapt tab trains, shows its report and adds the label-next layer."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+    from qgis.core import QgsCoordinateTransformContext, QgsVectorFileWriter
+    if shutil.which("qgis") is None or shutil.which("xvfb-run") is None:
+        pytest.skip("the QGIS desktop or xvfb-run is not installed; the headless tests cover the tool's logic")
+    root = Path(__file__).resolve().parents[2]
+    shot, result = root / "out" / "test_artifacts" / "qgis_desktop_adapt.png", tmp_path / "result.json"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    if shot.exists():
+        shot.unlink()
+    make_raster(tmp_path / "scene.tif", colours=COLOURS)
+    opts = QgsVectorFileWriter.SaveVectorOptions()
+    opts.driverName = "GPKG"
+    err = QgsVectorFileWriter.writeAsVectorFormatV3(labels_layer(LIVE_BOXES), str(tmp_path / "labels.gpkg"),
+                                                    QgsCoordinateTransformContext(), opts)
+    assert err[0] == QgsVectorFileWriter.NoError, err
+    env = {**os.environ, "PROFILES": str(tmp_path / "profiles"), "MAPQUERY_MODE": "connect",
+           "MAPQUERY_ADDRESS": adapt_backend.address, "MAPQUERY_STARTUP": str(root / "scripts" /
+                                                                                "qgis_adapt_startup.py"),
+           "MAPQUERY_SAMPLE": str(tmp_path / "scene.tif"), "MAPQUERY_LABELS": str(tmp_path / "labels.gpkg"),
+           "MAPQUERY_ADAPTER": "desktop-adapter", "MAPQUERY_SCREENSHOT": str(shot), "MAPQUERY_RESULT": str(result),
+           "MAPQUERY_QUIT": "1"}
+    env.pop("QT_QPA_PLATFORM", None)
+    proc = subprocess.run(["xvfb-run", "-a", "-s", "-screen 0 1280x800x24", str(root / "scripts" / "run_qgis.sh")],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert result.exists(), f"no result (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    out = json.loads(result.read_text())
+    assert out["ok"], out
+    table = out["table"]
+    assert table["rows"] == ["green fields", "red roofs", "all"]
+    assert table["columns"] == ["0-shot %", "adapted %", "→green f", "→red roof"]
+    confusion = [[int(v) for v in row[2:]] for row in table["cells"][:2]]
+    assert sum(map(sum, confusion)) > 0  # held-out chips counted
+    assert "desktop-adapter" in out["adapters"] and "registered" in out["summary"]
+    assert out["unsure_count"] == 5 and "label next (desktop-adapter)" in out["layers"]
+    from qgis.PyQt.QtGui import QImage
+    img = QImage(str(shot))
+    assert img.width() >= 800 and img.height() >= 600
