@@ -6,6 +6,7 @@ import os
 from qgis.core import QgsProcessingProvider
 from qgis.PyQt.QtGui import QIcon
 
+from .adapt_algorithm import AdaptAlgorithm
 from .algorithms import ClassifyRasterAlgorithm, LocalizeRasterAlgorithm, RankRasterAlgorithm
 
 
@@ -22,3 +23,4 @@ class MapQueryProvider(QgsProcessingProvider):
     def loadAlgorithms(self) -> None:  # noqa: N802
         for alg in (ClassifyRasterAlgorithm(), LocalizeRasterAlgorithm(), RankRasterAlgorithm()):
             self.addAlgorithm(alg)
+        self.addAlgorithm(AdaptAlgorithm())

@@ -71,36 +71,44 @@ def examples_of_layer(layer: Any, class_field: str, raster_crs: Any, selected_on
                       project: Any = None) -> Tuple[List[Example], List[str]]:
     """The labelled features of a vector layer in ``raster_crs`` (main thread); features with an empty class
     are left out (a warning says how many)."""
-    from qgis.core import QgsCoordinateTransform, QgsProject, QgsWkbTypes
+    from qgis.core import QgsWkbTypes
     if layer is None or not layer.isValid():
         raise PluginError("choose a labelled vector layer (points or polygons)")
     if layer.geometryType() not in (QgsWkbTypes.PointGeometry, QgsWkbTypes.PolygonGeometry):
         raise PluginError(f"{layer.name()}: the labels must be points or polygons, not lines or a table")
-    names = [f.name() for f in layer.fields()]
-    if class_field not in names:
-        raise PluginError(f"{layer.name()} has no field {class_field!r}; its fields: {', '.join(names) or 'none'}")
-    if not layer.crs().isValid():
-        raise PluginError(f"{layer.name()} has no CRS: set it (Layer Properties > Source) before adapting")
-    xform = QgsCoordinateTransform(layer.crs(), raster_crs, project or QgsProject.instance())
     feats = layer.getSelectedFeatures() if selected_only else layer.getFeatures()
+    what = "selected features" if selected_only else "features"
+    return examples_of(feats, layer.fields(), layer.crs(), class_field, raster_crs, layer.name(), what, project)
+
+
+def examples_of(features: Any, fields: Any, crs: Any, class_field: str, raster_crs: Any, name: str,
+                what: str = "features", project: Any = None) -> Tuple[List[Example], List[str]]:
+    """Labelled features (any iterable of ``QgsFeature`` with ``fields`` in ``crs``: a layer's or a Processing
+    source's) reprojected to ``raster_crs``."""
+    from qgis.core import QgsCoordinateTransform, QgsProject
+    names = [f.name() for f in fields]
+    if class_field not in names:
+        raise PluginError(f"{name} has no field {class_field!r}; its fields: {', '.join(names) or 'none'}")
+    if not crs.isValid():
+        raise PluginError(f"{name} has no CRS: set it (Layer Properties > Source) before adapting")
+    xform = QgsCoordinateTransform(crs, raster_crs, project or QgsProject.instance())
     out: List[Example] = []
     blank = 0
-    for f in feats:
+    for f in features:
         value = f[class_field]
         geom = f.geometry()
         if geom is None or geom.isEmpty():
             continue
-        name = "" if value is None or str(value) == "NULL" else str(value).strip()
-        if not name:
+        label = "" if value is None or str(value) == "NULL" else str(value).strip()
+        if not label:
             blank += 1
             continue
         g = type(geom)(geom)
-        if layer.crs() != raster_crs:
+        if crs != raster_crs:
             g.transform(xform)
-        out.append(Example(g, name, int(f.id())))
+        out.append(Example(g, label, int(f.id())))
     if not out:
-        what = "selected features" if selected_only else "features"
-        raise PluginError(f"{layer.name()} has no {what} with a class in {class_field!r}: draw or pick some first")
+        raise PluginError(f"{name} has no {what} with a class in {class_field!r}: draw or pick some first")
     warnings = [f"{blank} features without a class in {class_field!r} left out"] if blank else []
     return out, warnings
 

@@ -293,3 +293,33 @@ def test_desktop_adapt_tab(qgis_app, tmp_path, adapt_backend):
     from qgis.PyQt.QtGui import QImage
     img = QImage(str(shot))
     assert img.width() >= 800 and img.height() >= 600
+
+
+def test_processing_adapt_then_classify_with_the_adapter(qgis_app, tmp_path, adapt_backend, processing_ready):
+    import json
+    import processing
+    from qgis.core import QgsProcessingContext, QgsProcessingFeedback
+    make_raster(tmp_path / "scene.tif", colours=COLOURS)
+    layer = labels_layer(LIVE_BOXES)
+    context = QgsProcessingContext()
+    res = processing.run("mapquery:adapt", {
+        "INPUT": str(tmp_path / "scene.tif"), "LABELS": layer, "CLASS_FIELD": "landcover", "METHOD": 1,
+        "NAME": "proc-probe", "CHIP_SIZE": CHIP, "BACKEND": adapt_backend.address}, context=context,
+        feedback=QgsProcessingFeedback())
+    assert res["ADAPTER"] == "proc-probe"
+    report = json.loads(res["REPORT"])
+    assert report["classes"] == ["green fields", "red roofs"]
+    assert res["ACCURACY"] == report["rows"][-1]["adapted"]
+    out = processing.run("mapquery:classifyraster", {
+        "INPUT": str(tmp_path / "scene.tif"), "CLASSES": "green fields\nred roofs", "TILE_SIZE": 50,
+        "ADAPTER": "proc-probe", "BACKEND": adapt_backend.address, "OUTPUT": str(tmp_path / "cls.gpkg")},
+        context=context, feedback=QgsProcessingFeedback())
+    cls = QgsVectorLayer(out["OUTPUT"], "cls", "ogr")
+    assert cls.featureCount() == 16
+    assert {f["adapter"] for f in cls.getFeatures()} == {"proc-probe"}
+    # bad input: a clear message through Processing
+    from qgis.core import QgsProcessingException
+    with pytest.raises(QgsProcessingException, match="has no field 'nope'"):
+        processing.run("mapquery:adapt", {
+            "INPUT": str(tmp_path / "scene.tif"), "LABELS": layer, "CLASS_FIELD": "nope", "NAME": "x",
+            "BACKEND": adapt_backend.address}, context=context, feedback=QgsProcessingFeedback())
