@@ -323,3 +323,75 @@ def test_processing_adapt_then_classify_with_the_adapter(qgis_app, tmp_path, ada
         processing.run("mapquery:adapt", {
             "INPUT": str(tmp_path / "scene.tif"), "LABELS": layer, "CLASS_FIELD": "nope", "NAME": "x",
             "BACKEND": adapt_backend.address}, context=context, feedback=QgsProcessingFeedback())
+
+
+def test_dock_adapt_tab_trains_reports_classifies_and_cancels(qgis_app, project, tmp_path, adapt_backend):
+    """The Adapt tab headless, as a user drives it: Train -> report table -> adapter chosen -> Classify the view
+    with it; a missing raster is a clear message; Cancel of a trained job leaves no adapter."""
+    import qgis_plugin
+    from qgis.core import QgsLayerTreeGroup
+    from qgis_plugin.connection import make_client
+    from qgis_plugin.settings import Settings
+    from test_dock import FakeIface, spin
+    Settings(mode="connect", address=adapt_backend.address, timeout_s=60, output_dir=str(tmp_path / "out")).save()
+    make_raster(tmp_path / "scene.tif", colours=COLOURS)
+    iface = FakeIface()
+    raster = QgsRasterLayer(str(tmp_path / "scene.tif"), "scene")
+    labels = labels_layer(LIVE_BOXES)
+    project.addMapLayer(raster)
+    project.addMapLayer(labels)
+    iface.canvas.setDestinationCrs(raster.crs())
+    iface.canvas.setLayers([raster])
+    iface.canvas.setExtent(raster.extent())
+    plugin = qgis_plugin.classFactory(iface)
+    plugin.initGui()
+    try:
+        dock = plugin.show_dock()
+        tab = dock.adapt_tab
+        spin(lambda: bool(dock.info))
+        tab.labels_combo.setLayer(labels)
+        assert tab.field_combo.currentField() == "landcover"  # guessed
+        assert tab.counts_label.text() == "features per class: green fields: 3, red roofs: 3"
+        tab.raster_combo.setLayer(None)
+        tab.train()
+        assert "choose the raster" in iface.bar.messages[-1][1]
+        tab.raster_combo.setLayer(raster)
+        tab.name_edit.setText("dock-adapter")
+        tab.chip_size.setValue(CHIP)
+        tab.train_btn.click()
+        spin(lambda: tab.task is not None and tab.task.done, 120)
+        assert tab.task.error is None, tab.task.message()
+        result = tab.task.outcome.result
+        t = tab.report
+        assert [t.verticalHeaderItem(i).text() for i in range(t.rowCount())] == result["classes"] + ["all"]
+        adapted = result["metrics"]["adapted"]
+        assert t.item(2, 1).text() == f"{adapted['top1']:.1f}"
+        assert [[int(t.item(i, 2 + j).text()) for j in range(2)] for i in range(2)] == adapted["confusion"]
+        assert dock.adapter_combo.currentData() == "dock-adapter"
+        # classify with it (the dock's capture: here the raster's extent at 1 m, as the headless canvas has no view)
+        dock.source_combo.setCurrentIndex(dock.source_combo.findData("layer"))
+        dock.layer_combo.setLayer(raster)
+        dock.resolution.setValue(1.0)
+        dock.cls_tile.setValue(50)
+        tab.classify_btn.click()
+        spin(lambda: any(isinstance(g, QgsLayerTreeGroup) and g.name().startswith("MapQuery: classify")
+                         for g in project.layerTreeRoot().children()), 120)
+        group = next(g for g in project.layerTreeRoot().children() if isinstance(g, QgsLayerTreeGroup))
+        grid = group.findLayers()[0].layer()
+        assert grid.featureCount() == 16, iface.bar.messages[-3:]
+        assert {f["adapter"] for f in grid.getFeatures()} == {"dock-adapter"}
+        assert {f["label"] for f in grid.getFeatures()} <= set(result["classes"])
+        assert dock.classes_edit.toPlainText().splitlines() == result["classes"]
+        # cancel a trained job from the tab
+        tab.method_combo.setCurrentIndex(tab.method_combo.findData("coop"))
+        tab.epochs.setValue(500)
+        tab.name_edit.setText("dock-cancelled")
+        tab.train_btn.click()
+        spin(lambda: tab.progress.value() > 25 or tab.task.done, 120)
+        tab.cancel_btn.click()
+        spin(lambda: tab.task.done, 30)
+        assert "cancelled" in iface.bar.messages[-1][1]
+        with make_client(adapt_backend) as client:
+            assert "dock-cancelled" not in [a["name"] for a in client.info()["adapters"]]
+    finally:
+        plugin.unload()
