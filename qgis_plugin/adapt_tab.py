@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional
 
 from qgis.core import Qgis, QgsMapLayerProxyModel, QgsProject, QgsVectorLayer
 from qgis.gui import QgsFieldComboBox, QgsMapLayerComboBox
+from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
                                  QProgressBar, QPushButton, QSpinBox, QTableWidget, QTableWidgetItem, QWidget)
 
@@ -36,6 +37,7 @@ class AdaptTab(QWidget):
         self.dock = dock
         self.task: Optional[MapQueryTask] = None
         self.last: Dict[str, Any] = {}  # the last adapter trained here: name, classes
+        self.unsure_layer: Optional[QgsVectorLayer] = None  # the last label-next layer
         form = QFormLayout(self)
         self.labels_combo = QgsMapLayerComboBox()
         self.labels_combo.setFilters(QgsMapLayerProxyModel.PointLayer | QgsMapLayerProxyModel.PolygonLayer)
@@ -163,6 +165,7 @@ class AdaptTab(QWidget):
             return
         task = MapQueryTask(processor, dataclasses.replace(self.dock.manager.settings), on_done)
         self.task = task
+        self.dock.tasks.append(task)  # the dock cancels its tasks when it shuts down
         self.progress.setValue(0)
         self.cancel_btn.setEnabled(True)
         self.train_btn.setEnabled(False)
@@ -183,6 +186,10 @@ class AdaptTab(QWidget):
             self.task.cancel()
 
     def _finish(self, task: MapQueryTask) -> bool:
+        if task in self.dock.tasks:
+            self.dock.tasks.remove(task)
+        if self.dock._shut_down:
+            return False
         self.cancel_btn.setEnabled(False)
         self.train_btn.setEnabled(True)
         if task.error is None:
@@ -286,7 +293,7 @@ class AdaptTab(QWidget):
             self.dock.message(f"cannot load {spec.path}", Qgis.Critical, 0)
             return None
         symbol = layer.renderer().symbol()
-        symbol.symbolLayer(0).setBrushStyle(0)  # Qt.NoBrush: outlines only
+        symbol.symbolLayer(0).setBrushStyle(Qt.NoBrush)  # outlines only
         symbol.symbolLayer(0).setStrokeWidth(0.8)
         QgsProject.instance().addMapLayer(layer)
         self.unsure_layer = layer

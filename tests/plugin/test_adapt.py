@@ -285,7 +285,7 @@ def test_desktop_adapt_tab(qgis_app, tmp_path, adapt_backend):
     assert out["ok"], out
     table = out["table"]
     assert table["rows"] == ["green fields", "red roofs", "all"]
-    assert table["columns"] == ["0-shot %", "adapted %", "→green f", "→red roof"]
+    assert table["columns"] == ["0-shot %", "adapted %", "→green fi", "→red roof"]
     confusion = [[int(v) for v in row[2:]] for row in table["cells"][:2]]
     assert sum(map(sum, confusion)) > 0  # held-out chips counted
     assert "desktop-adapter" in out["adapters"] and "registered" in out["summary"]

@@ -14,7 +14,8 @@ def run_alg(alg_id, params):
 
 def test_provider_lists_three_algorithms(processing_ready):
     provider = processing_ready.providerById("mapquery")
-    assert sorted(a.name() for a in provider.algorithms()) == ["adapt", "classifyraster", "localizeraster", "rankraster"]
+    assert sorted(a.name() for a in provider.algorithms()) == ["adapt", "classifyraster", "localizeraster",
+                                                               "rankraster"]
 
 
 def test_classify_raster_covers_the_whole_raster(processing_ready, live_backend, data_dir, tmp_path):
