@@ -319,6 +319,7 @@ class AdaptProcessor:
         def pct(v):
             return "-" if v is None else f"{v:.1f}%"
         summary = (f"adapter '{result.get('name', self.params.name)}' registered; held-out accuracy "
-                   f"{pct(adapted)} (zero-shot {pct(zero)}) on {(metrics.get('adapted') or {}).get('n', 0)} chips")
+                   f"{pct(adapted)} (zero-shot {pct(zero)}) on {(metrics.get('adapted') or {}).get('n', 0)} chips; "
+                   f"sent {len(chipset.chips)} chips ({counts_text(chipset.counts())})")
         return Outcome(self.title, [], [], summary, chipset.warnings + [str(w) for w in result.get("warnings", [])],
                        result, self.raster.name, report_rows(result.get("classes") or chipset.classes, metrics))
