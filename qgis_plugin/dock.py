@@ -22,6 +22,7 @@ from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QDockWidget, QDoubleSpinB
 from shared_protocol.defaults import DEFAULT_TILE_SIZE
 
 from . import capture as cap_mod
+from .adapt_tab import AdaptTab
 from .connection import describe, probe
 from .errors import PluginError, is_cancel, plain_message
 from .index_tab import IndexTab
@@ -114,6 +115,8 @@ class MapQueryDock(QDockWidget):
         self.tabs.addTab(self._localize_tab(), "Localize")
         self.index_tab = IndexTab(self)
         self.tabs.addTab(self.index_tab, "Index")
+        self.adapt_tab = AdaptTab(self)
+        self.tabs.addTab(self.adapt_tab, "Adapt")
         lay.addWidget(self.tabs)
         row = QHBoxLayout()
         self.progress = QProgressBar()

@@ -4,6 +4,7 @@
 #   BACKEND_PYTHON  backend interpreter (default .venv/bin/python)
 #   MAPQUERY_MODEL  preset (default georsclip-vit-b-32; use "tiny" plus MAPQUERY_EXTRA=--random-weights offline)
 #   PROFILES        QGIS profiles folder (default out/qgis_profiles)
+#   MAPQUERY_STARTUP  the Python run at start (default scripts/qgis_startup.py)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 QGIS_BIN="${QGIS_BIN:-$(command -v qgis || true)}"
@@ -47,4 +48,4 @@ with open(ini, "w") as f:
 PY
 SAMPLE="${MAPQUERY_SAMPLE:-$ROOT/../shared/data/RGB.byte.tif}"
 export MAPQUERY_SAMPLE="$SAMPLE"
-exec "$QGIS_BIN" --profiles-path "$PROFILES" --nologo --noversioncheck --code "$ROOT/scripts/qgis_startup.py" "$@"
+exec "$QGIS_BIN" --profiles-path "$PROFILES" --nologo --noversioncheck --code "${MAPQUERY_STARTUP:-$ROOT/scripts/qgis_startup.py}" "$@"

@@ -6,6 +6,7 @@ import os
 from qgis.core import QgsProcessingProvider
 from qgis.PyQt.QtGui import QIcon
 
+from .adapt_algorithm import AdaptAlgorithm
 from .algorithms import ClassifyRasterAlgorithm, LocalizeRasterAlgorithm, RankRasterAlgorithm
 from .index_algorithms import IndexBuildAlgorithm, IndexSearchAlgorithm
 
@@ -24,3 +25,4 @@ class MapQueryProvider(QgsProcessingProvider):
         for alg in (ClassifyRasterAlgorithm(), LocalizeRasterAlgorithm(), RankRasterAlgorithm(), IndexBuildAlgorithm(),
                     IndexSearchAlgorithm()):
             self.addAlgorithm(alg)
+        self.addAlgorithm(AdaptAlgorithm())

@@ -14,7 +14,7 @@ def run_alg(alg_id, params):
 
 def test_provider_lists_its_algorithms(processing_ready):
     provider = processing_ready.providerById("mapquery")
-    assert sorted(a.name() for a in provider.algorithms()) == ["classifyraster", "indexbuild", "indexsearch",
+    assert sorted(a.name() for a in provider.algorithms()) == ["adapt", "classifyraster", "indexbuild", "indexsearch",
                                                                "localizeraster", "rankraster"]
 
 
