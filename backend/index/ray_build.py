@@ -23,7 +23,7 @@ UNIT_BATCHES = 4  # model batches of windows per Ray read task
 
 def make_engine(model_args: Dict[str, Any]):
     """An engine from the ``serve``-like model arguments (model, checkpoint, device, precision, adapter ...)."""
-    from ..cli import load_adapters
+    from ..commands.serve import load_adapters
     from ..engine import Engine, EngineConfig
     from ..models.loading import load_model
     loaded = load_model(model_args["model"], model_config=model_args.get("model_config"),

@@ -295,7 +295,7 @@ def test_a_network_bind_needs_curve_or_a_token(tmp_path):
 
 
 PEAK_SCRIPT = """
-import resource, sys, numpy as np
+import sys, numpy as np
 from backend.models import load_model
 from backend.engine import Engine, EngineConfig
 from backend.service import ModelService
@@ -309,9 +309,12 @@ params = {"queries": ["q"], "window_sizes": [256, 512, 768], "crop_size": crop, 
           "value_range": None, "adapter": None, "canvas_id": None}
 from backend.budget import check_budget  # budget 0: no check, the estimate is returned
 est = check_budget("localize", params, {"canvas": canvas.shape}, ModelService(eng).model_shape(), 0)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def status(key):
+    return int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith(key))) * 1024
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to today's RSS: earlier peaks do not hide ours
+base = status("VmRSS:")
 L.localize(eng, L.resolve_canvas(eng, canvas, params), params, lambda p, m: None)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base, est)
+print(status("VmHWM:") - base, est)
 """
 
 
