@@ -4,7 +4,6 @@ Each test reproduces one attack; on the server before the fix each one hung, kil
 """
 import json
 import resource
-import socket
 import time
 
 import numpy as np
@@ -16,17 +15,6 @@ from backend.server import Job, Service
 from shared_protocol import ErrorCode, Limits, ProtocolError, Reply
 from shared_protocol.client import Client
 from stubs import SlowService, running_server
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def addr():
-    return f"tcp://127.0.0.1:{free_port()}"
 
 
 def raw(addr, ctx=None, **opts):

@@ -1,5 +1,4 @@
 """The transport: request ids, heartbeats, progress, cancel, timeouts, Lazy Pirate retries, auth, busy."""
-import socket
 import threading
 import time
 
@@ -9,18 +8,8 @@ import pytest
 from backend.server import Server, ServerConfig, is_loopback
 from shared_protocol import ErrorCode, ProtocolError
 from shared_protocol.client import Client
+from shared_protocol.endpoints import free_port
 from stubs import SlowService, running_server
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def addr():
-    return f"tcp://127.0.0.1:{free_port()}"
 
 
 def test_hello_info_ping_and_echo(addr):
