@@ -29,7 +29,7 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 from .crs import crs_problem
-from .defaults import DEFAULT_CROP_SIZE, DEFAULT_SMOOTH, DEFAULT_WINDOW_SIZES, MIN_VALID_SHARE
+from .defaults import ADAPT_TEMPLATES, DEFAULT_CROP_SIZE, DEFAULT_SMOOTH, DEFAULT_WINDOW_SIZES, MIN_VALID_SHARE
 from .schema import ArraySpec, OpSpec, Param
 
 IMAGE_DTYPES = ("uint8", "uint16")
@@ -290,7 +290,8 @@ TRAIN = OpSpec(
         Param("seed", "int", default=0, min=0),
         Param("resume", "bool", default=False, doc="trained methods: continue a cancelled or killed job with "
               "the same name, method and examples from its last epoch checkpoint"),
-        Param("templates", "str", default="georsclip", max_len=100, doc="zero-shot template set"),
+        Param("templates", "str", default=ADAPT_TEMPLATES, max_len=100, doc="zero-shot template set (see "
+              "defaults.ADAPT_TEMPLATES)"),
         Param("return_file", "bool", default=False, doc="also return the adapter file (array 'adapter_file')"),
         Param("provenance", "dict", nullable=True, doc="the client's facts about the examples (raster, labels, "
               "class field, resolution), stored in the adapter file"),

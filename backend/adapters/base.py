@@ -135,13 +135,14 @@ def register(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
-def _ensure_registered() -> None:
+def ensure_registered() -> None:
+    """Import every method's module (LoRA's imports peft and transformers: seconds, paid once per process)."""
     for mod in _METHOD_MODULES:
         importlib.import_module(f"backend.adapters.{mod}")
 
 
 def get_method(name: str) -> MethodSpec:
-    _ensure_registered()
+    ensure_registered()
     key = name.lower().replace("_", "-")
     for spec in METHODS.values():
         if key == spec.name or key in spec.aliases:

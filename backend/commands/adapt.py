@@ -14,7 +14,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from shared_protocol.defaults import DEFAULT_TILE_SIZE, MIN_VALID_SHARE
+from shared_protocol.defaults import ADAPT_TEMPLATES, DEFAULT_TILE_SIZE, MIN_VALID_SHARE
 from shared_protocol.ops import ADAPT_METHODS
 
 
@@ -46,7 +46,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--epochs", type=int, help="trained methods: epochs (default 10)")
     p.add_argument("--lr", type=float, help="trained methods: learning rate")
     p.add_argument("--batch-size", type=int, help="trained methods: batch size (default 16)")
-    p.add_argument("--templates", default="georsclip", help="zero-shot template set")
+    p.add_argument("--templates", default=ADAPT_TEMPLATES,
+                   help=f"zero-shot template set (default {ADAPT_TEMPLATES}: one prompt per class; georsclip: 105)")
     p.add_argument("--overwrite", action="store_true", help="replace an adapter of the same name")
     p.add_argument("--resume", action="store_true", help="continue a cancelled or killed trained job")
     p.add_argument("--out", metavar="A.pt", help="also write the adapter file here")

@@ -111,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
               flush=True)
     try:  # before 'ready', so that the first request does not pay for lazy initialisation
         print(f"backend: warmed up in {engine.warm_up():.2f} s", flush=True)
+        from backend.adapters.base import ensure_registered
+        ensure_registered()  # the adaptation methods' imports, so that the first train job does not pay them
     except Exception as exc:  # requests will say what is wrong, one by one; the server still starts
         print(f"backend: WARNING: warm-up failed: {type(exc).__name__}: {exc}", flush=True)
     if loaded.random_weights:

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from shared_protocol.defaults import MIN_VALID_SHARE
+from shared_protocol.defaults import ADAPT_TEMPLATES, MIN_VALID_SHARE
 from shared_protocol.ops import ADAPT_METHODS, INSTANT_METHODS
 
 from ..capture import RasterSource, read_bands
@@ -49,7 +49,7 @@ class AdaptParams:
     seed: int = 0
     overwrite: bool = False
     skip_outside: bool = False
-    templates: str = "georsclip"
+    templates: str = ADAPT_TEMPLATES
     bands: Optional[Sequence[int]] = None
 
     def __post_init__(self) -> None:

@@ -18,6 +18,7 @@ from backend.adapt.store import AdapterStore
 from backend.server import Job
 from backend.tasks import classify as classify_task
 from shared_protocol import ErrorCode, ProtocolError, Request
+from shared_protocol.defaults import ADAPT_TEMPLATES
 from shared_protocol.messages import decode_request
 
 CHIP = 32
@@ -185,7 +186,7 @@ def test_instant_cache_logits_are_tip_adapter_recomputed_with_numpy(tmp_path, en
     keys = (train_f - mean) / np.linalg.norm(train_f - mean, axis=1, keepdims=True)
     np.testing.assert_allclose(t["keys"], keys, atol=1e-5)
     np.testing.assert_array_equal(t["values"].argmax(axis=1), ex.labels[~ex.held_out])
-    text = classify_task.class_vectors(engine, ex.classes, {"templates": "georsclip"}).cpu().numpy()
+    text = classify_task.class_vectors(engine, ex.classes, {"templates": ADAPT_TEMPLATES}).cpu().numpy()
     np.testing.assert_allclose(t["text"], text, atol=1e-6)
     g = (f - mean) / np.linalg.norm(f - mean, axis=1, keepdims=True)
     logits = 100 * f @ text.T + cfg["alpha"] * np.exp(-cfg["beta"] * (1 - g @ keys.T)) @ t["values"]
@@ -214,7 +215,7 @@ def test_linear_probe_logits_recomputed_with_numpy_and_the_fit_lowers_its_object
                                        {"tiles": ex.chips}, lambda p, m: None)
     np.testing.assert_allclose(arrays["probs"], softmax(logits), atol=2e-4)
     # the probe starts from the zero-shot classifier and lowers cross-entropy on the training chips
-    text = classify_task.class_vectors(engine, ex.classes, {"templates": "georsclip"}).cpu().numpy()
+    text = classify_task.class_vectors(engine, ex.classes, {"templates": ADAPT_TEMPLATES}).cpu().numpy()
     tr, y = ~ex.held_out, ex.labels[~ex.held_out]
 
     def ce(lg):
