@@ -16,11 +16,17 @@ if str(ROOT) not in sys.path:
 
 def machine() -> str:
     import torch
-    from backend.models.precision import cpu_name
+    from backend.models.precision import cpu_name, cpuinfo_field, native_bf16_cpu
     cpu = cpu_name()
+    family, model = cpuinfo_field(("cpu family",)), cpuinfo_field(("model",))
+    if family and model:  # "AMD EPYC" alone names Zen 3 and Zen 4 machines alike
+        cpu += f" (family {family} model {model})"
+    flags = set((cpuinfo_field(("flags", "Features")) or "").split())
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    simd += ", native bf16" if native_bf16_cpu() else ", no native bf16"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}, "
-            f"Python {platform.python_version()}")
+    return (f"{cpu}, {simd}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
+            f"threads), {gpu}, Python {platform.python_version()}")
 
 
 def best_of(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> float:
