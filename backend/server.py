@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import zmq
 
 from shared_protocol import PROTOCOL_VERSION, ErrorCode, Limits, ProtocolError, Reply, Request, decode_request
-from shared_protocol.endpoints import DEFAULT_ADDRESS, is_loopback, token_refusal
+from shared_protocol.endpoints import DEFAULT_ADDRESS, access_refusal, is_loopback
 from shared_protocol.framing import DEFAULT_LIMITS
 from shared_protocol.ops import OPS
 
@@ -114,10 +114,11 @@ class ServerConfig:
 
 def check_access(config: ServerConfig) -> Optional[str]:
     """Refuse a reachable bind that nobody guards; a warning text for a token-only remote bind, else None."""
+    refusal = access_refusal(config.bind, config.token, config.curve_keys)
+    if refusal:
+        raise ValueError(refusal)
     if is_loopback(config.bind) or config.curve_keys:
         return None
-    if not config.token:
-        raise ValueError(token_refusal(config.bind))
     return (f"{config.bind} is reachable from the network and guarded by a token only: the token and every "
             "image travel in clear. Use --curve-keys DIR across networks you do not trust.")
 

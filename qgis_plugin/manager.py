@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from shared_protocol.endpoints import is_loopback, needs_token
+from shared_protocol.endpoints import access_refusal, curve_keys_arg, is_loopback
 
 from .backend_process import STOPPED, BackendProcess
 from .settings import Settings
@@ -29,9 +29,11 @@ class BackendManager:
         if self._stopping is not None:  # its port must be free before the next backend binds it
             self._stopping.stop()
             self._stopping = None
-        if needs_token(self.settings.address) and not self.settings.token:
-            raise ValueError("a backend started on a non-loopback address needs an access token")
-        self.process = BackendProcess(self.settings.serve_command(), env=self.settings.backend_env(),
+        command = self.settings.serve_command()
+        refusal = access_refusal(self.settings.address, self.settings.token, curve_keys_arg(command))
+        if refusal:  # the backend's own rule, said before starting it
+            raise ValueError(refusal)
+        self.process = BackendProcess(command, env=self.settings.backend_env(),
                                       cwd=self.settings.backend_dir or None).start()
         return self.process
 

@@ -2,7 +2,8 @@
 
 - :data:`DEFAULT_ADDRESS`: the address a backend binds and a client connects to by default (loopback).
 - :data:`TOKEN_ENV`: the environment variable holding the access token (read by ``serve`` and the clients).
-- :func:`is_loopback` / :func:`needs_token`: a bind that can be reached from the network needs a token.
+- :func:`is_loopback` / :func:`access_refusal`: a bind that can be reached from the network needs CURVE keys
+  or a token.
 - :func:`serve_command` / :func:`launch_env`: ``python -m backend serve ...`` with the environment it needs
   (``PYTHONPATH`` naming the folder that holds ``backend/`` and ``shared_protocol/``, unbuffered output,
   the token).
@@ -48,9 +49,13 @@ def is_loopback(address: str) -> bool:
         return False
 
 
-def needs_token(address: str) -> bool:
-    """A backend bound to ``address`` must require an access token (it can be reached from the network)."""
-    return not is_loopback(address)
+def access_refusal(address: str, token: Optional[str], curve_keys: Optional[str]) -> Optional[str]:
+    """Why a backend may not bind ``address`` guarded by ``token`` and ``curve_keys`` (a key folder), or None:
+    an address reachable from the network needs one of them (the backend's check and the plugin's, before it
+    starts one)."""
+    if is_loopback(address) or curve_keys or token:
+        return None
+    return token_refusal(address)
 
 
 def token_refusal(address: str) -> str:
@@ -74,6 +79,16 @@ def free_address(host: str = DEFAULT_HOST) -> str:
 def serve_command(python: str, bind: str = DEFAULT_ADDRESS, args: Sequence[str] = ()) -> List[str]:
     """The argv that starts a backend serving on ``bind``: ``PYTHON -m backend serve --bind BIND ARGS``."""
     return [python, "-m", BACKEND_MODULE, "serve", "--bind", bind, *args]
+
+
+def curve_keys_arg(argv: Sequence[str]) -> Optional[str]:
+    """The ``--curve-keys DIR`` (or ``--curve-keys=DIR``) of a ``serve`` argv, else None."""
+    for i, arg in enumerate(argv):
+        if arg == "--curve-keys" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--curve-keys="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def launch_env(base: Optional[Mapping[str, str]] = None, source_dir: str = "", token: str = "") -> Dict[str, str]:

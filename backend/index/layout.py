@@ -293,7 +293,9 @@ class IndexStore:
         """The ``k`` rows of largest dot product with ``vector`` (a ``score`` column), among rows ``where``."""
         q = self._table().search(np.asarray(vector, np.float32), vector_column_name="vector").metric("dot")
         if self.has_ann():
-            q = q.nprobes(ANN_NPROBES).refine_factor(ANN_REFINE)
+            q = q.nprobes(ANN_NPROBES)
+            if ANN_REFINE:
+                q = q.refine_factor(ANN_REFINE)
         if where:
             q = q.where(where, prefilter=True)
         t = q.select(list(columns) + ["_distance"]).limit(k).to_arrow()

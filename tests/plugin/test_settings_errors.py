@@ -95,4 +95,15 @@ def test_manager_refuses_remote_bind_without_token():
     m = BackendManager(Settings(address="tcp://0.0.0.0:5555", token=""))
     with pytest.raises(ValueError, match="token"):
         m.start()
+    assert m.process is None  # refused before starting anything
+
+
+def test_manager_starts_a_remote_bind_guarded_by_curve_keys_without_a_token(tmp_path):
+    """--curve-keys in the extra arguments is a guard, as for the backend's own check: the plugin lets the
+    backend start (it then fails for the missing key folder, which is the backend's message to show)."""
+    m = BackendManager(Settings(address="tcp://0.0.0.0:5555", token="", extra_args=f"--curve-keys {tmp_path}/none",
+                                backend_python="/nonexistent/python"))
+    proc = m.start()
+    assert proc.state() == FAILED
+    m.stop()
     assert BackendManager(Settings(mode="connect")).process_state() == "external"

@@ -24,7 +24,16 @@ ROOT = Path(__file__).resolve().parents[2]
 ])
 def test_loopback_rule(address, loop):
     assert ep.is_loopback(address) is loop
-    assert ep.needs_token(address) is (not loop)
+    assert (ep.access_refusal(address, "", None) is None) is loop
+    assert ep.access_refusal(address, "secret", None) is None and ep.access_refusal(address, None, "keys/") is None
+
+
+@pytest.mark.parametrize("argv,keys", [
+    (["py", "-m", "backend", "serve", "--curve-keys", "/k"], "/k"), (["serve", "--curve-keys=/k d"], "/k d"),
+    (["serve", "--device", "cpu"], None), (["serve", "--curve-keys"], None),
+])
+def test_curve_keys_arg(argv, keys):
+    assert ep.curve_keys_arg(argv) == keys
 
 
 def test_default_address_is_a_loopback_tcp_address():
