@@ -7,10 +7,11 @@ import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, List, Optional, Tuple, Union
+from typing import BinaryIO, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from shared_protocol.nodata import valid_pixels
 from shared_protocol.ops import DEFAULT_MAX_CANVAS_PIXELS
 
 PathLike = Union[str, os.PathLike]
@@ -37,8 +38,8 @@ def read_image(path: PathLike) -> Image:
     """PNG/JPEG through Pillow, GeoTIFF (and anything GDAL reads) through rasterio, as H x W x C.
 
     A raster's affine (rotated ones too) and CRS are kept, so outputs land where the input is. Its first
-    three bands (or its first, with fewer than three) are read, and its valid pixels (``_valid_pixels``:
-    nodata values, an alpha band or an internal mask; non-finite values too). Rasters
+    three bands (or its first, with fewer than three) are read, and its valid pixels (:func:`raster_valid`:
+    valid in every band's nodata or internal mask, alpha > 0, finite). Rasters
     that are neither 8- nor 16-bit are stretched min-max over their valid pixels to uint16. A PNG's alpha
     stays its 4th channel (which the backend reads as the mask).
     """
@@ -65,14 +66,12 @@ def read_image(path: PathLike) -> Image:
             bands = min(ds.count, 4) if ds.count != 2 else 1
             check_pixels(path, ds.height, ds.width, bands)  # what the header declares, before reading
             data = ds.read(list(range(1, bands + 1)))
-            valid = _valid_pixels(ds)
+            valid = raster_valid(ds, range(1, min(bands, 3) + 1), data[:3])
             transform = list(ds.transform)[:6]
             crs = ds.crs.to_string() if ds.crs else None
     except rasterio.errors.RasterioIOError as exc:
         raise ValueError(f"{path}: not a readable raster ({exc})") from None
     if data.dtype not in (np.uint8, np.uint16):
-        if np.issubdtype(data.dtype, np.floating):
-            valid &= np.isfinite(data).all(axis=0)
         values = data[:, valid]
         lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
         data = np.where(valid, (np.clip(np.nan_to_num(data), lo, hi) - lo) / (hi - lo or 1.0) * 65535, 0)
@@ -81,13 +80,19 @@ def read_image(path: PathLike) -> Image:
     return Image(str(path), np.ascontiguousarray(data.transpose(1, 2, 0)), transform, crs, mask)
 
 
-def _valid_pixels(ds) -> np.ndarray:
-    """H x W bool: where an alpha band is non-zero, else where GDAL's ``dataset_mask`` (nodata values, an
-    internal mask) is. Not ``dataset_mask`` for alpha: GDAL scales a 16-bit alpha band to 8 bits, so a 16-bit
-    raster's 0-255 alpha would read as all transparent."""
-    from rasterio.enums import ColorInterp
-    alpha = [i for i, c in enumerate(ds.colorinterp) if c == ColorInterp.alpha]
-    return ds.read(alpha[0] + 1) != 0 if alpha else ds.dataset_mask() != 0
+def raster_valid(ds, bands: Sequence[int], values: Optional[np.ndarray] = None, **window) -> np.ndarray:
+    """H x W bool: the valid pixels of ``bands`` (1-based) of the rasterio dataset ``ds`` by the rule written in
+    :mod:`shared_protocol.nodata` (as QGIS draws it): each band's own mask (``read_masks``: its nodata value, an
+    internal or ``.msk`` mask), every alpha band's raw value > 0 (not through ``read_masks``: GDAL scales a 16-bit
+    alpha to 8 bits, so a 0-255 alpha would read as transparent), and the bands' ``values`` (C x H x W, as read:
+    NaN and infinities are invalid) when given. ``window``: rasterio's ``window``, ``out_shape`` (H, W) and
+    ``boundless`` (outside the raster is invalid), for the masks and the alpha alike."""
+    from rasterio.enums import ColorInterp, MaskFlags
+    alpha = [i + 1 for i, c in enumerate(ds.colorinterp) if c == ColorInterp.alpha]
+    masks = [ds.read_masks(b, **window) for b in bands
+             if b not in alpha and not (alpha and MaskFlags.alpha in ds.mask_flag_enums[b - 1])]
+    alphas = [ds.read(a, **window, **({"fill_value": 0} if window.get("boundless") else {})) for a in alpha]
+    return valid_pixels(masks, values, alphas)
 
 
 def square_tile(image: Image, size: int) -> Tuple[np.ndarray, np.ndarray]:

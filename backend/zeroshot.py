@@ -1,9 +1,14 @@
 """Zero-shot classification, written once: the class features and the logits that classify (the served
 path), ``eval zeroshot`` and ``reproduce`` all use (as open_clip keeps one ``zero_shot_classifier``).
 
-The one rule for learned prompts: a model whose ``class_embeddings(classnames, images)`` answers (CoOp: C x D;
-GDPL: N x C x D, one set per image) is classified with its learned class features; any other model (the base
-CLIP, LoRA, MRS-Adapter) with prompt ensembling over hand-written templates (REFERENCE section 3).
+The one rule, :class:`Classifier`, for the logits a model gives L2-normalised image features over classes:
+
+- a model with its own head on the image features (``classify_features``: the instant adapters) answers with
+  that head, over the requested classes (a subset of its own, in any order);
+- a prompt learner whose ``class_embeddings(classnames, images)`` answers (CoOp: C x D; GDPL: N x C x D, one
+  set per image, ``image_conditioned``) is classified with its learned class features;
+- any other model (the base CLIP, LoRA, MRS-Adapter) with prompt ensembling over hand-written templates
+  (REFERENCE section 3); either way 100 x cosine.
 """
 from __future__ import annotations
 
@@ -21,9 +26,19 @@ TextEncoder = Callable[[List[str]], Tensor]  # prompts -> raw (unnormalised) flo
 Progress = Callable[[float, str], None]
 
 
+def feature_head(model) -> Optional[Callable[[Tensor, Sequence[str]], Tensor]]:
+    """The model's own head on image features (``classify_features(feats, classes) -> logits``), if any."""
+    return getattr(model, "classify_features", None)
+
+
 def is_image_conditioned(model) -> bool:
     """Whether the model's class features depend on the image (GDPL): classify batch by batch."""
-    return bool(getattr(model, "image_conditioned", False))
+    return feature_head(model) is None and bool(getattr(model, "image_conditioned", False))
+
+
+def image_features(model, images: Tensor) -> Tensor:
+    """(N, D) L2-normalised float image features of a model-ready batch (an instant adapter's are the base's)."""
+    return F.normalize(model.encode_image(images).float(), dim=-1)
 
 
 def learned_class_features(model, classnames: Sequence[str], images: Optional[Tensor] = None) -> Optional[Tensor]:
@@ -83,6 +98,36 @@ def logits(image_features: Tensor, class_feats: Tensor) -> Tensor:
     return LOGIT_SCALE * image_features @ class_feats.T
 
 
-def probabilities(image_features: Tensor, class_feats: Tensor) -> Tensor:
-    """softmax(100 x cosine) over the classes."""
-    return logits(image_features, class_feats).softmax(dim=-1)
+class Classifier:
+    """Zero-shot logits of one model over one class list: THE rule of this module (see its docstring).
+
+    ``class_feats`` gives :func:`class_features` of the model and classes (a callable, so that a caller can
+    cache them and a model that does not need them never encodes a prompt); it is called once, when first
+    needed. An image-conditioned model needs the batch's ``images`` (model-ready) with its features.
+    Classes a feature head does not know raise its typed error here, before any image is encoded.
+    """
+
+    def __init__(self, model, classnames: Sequence[str], class_feats: Callable[[], Tensor]):
+        self.model, self.classnames = model, list(classnames)
+        self.head = feature_head(model)
+        self.image_conditioned = is_image_conditioned(model)
+        self._class_feats, self._fixed = class_feats, None
+        columns = getattr(model, "class_columns", None)
+        if self.head is not None and columns is not None:
+            columns(self.classnames)
+
+    def logits(self, image_feats: Tensor, images: Optional[Tensor] = None) -> Tensor:
+        """(N, C) logits of (N, D) L2-normalised image features."""
+        if self.head is not None:
+            return self.head(image_feats, self.classnames).float()
+        if self.image_conditioned:
+            if images is None:
+                raise ValueError("an image-conditioned model needs the images with their features")
+            return logits(image_feats, learned_class_features(self.model, self.classnames, images))
+        if self._fixed is None:
+            self._fixed = self._class_feats()
+        return logits(image_feats, self._fixed.to(image_feats.device))
+
+    def probabilities(self, image_feats: Tensor, images: Optional[Tensor] = None) -> Tensor:
+        """softmax of :meth:`logits` over the classes."""
+        return self.logits(image_feats, images).softmax(dim=-1)

@@ -22,6 +22,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from shared_protocol.nodata import valid_pixels
+
 from .errors import PluginError
 from .masks import alpha_bands, band_invalid, combine, footprints, image_alpha
 
@@ -312,14 +314,11 @@ def read_bands(layer, bands: Optional[Sequence[int]] = None, extent=None, resolu
         ext = QgsRectangle(x0, y1 - h * resolution, x0 + w * resolution, y1)
         transform = (resolution, 0.0, x0, 0.0, -resolution, y1)
     arrays = [block_to_array(provider.block(b, ext, w, h)) for b in bands]
-    invalid = np.zeros((h, w), bool)
-    for b, arr in zip(bands, arrays, strict=True):
-        nodata = band_invalid(provider, b, arr)
-        arr[nodata] = 0  # a band's nodata cells read as 0 (the mask says the pixel is invalid)
-        invalid |= nodata
-    for b in alpha_bands(provider):
-        invalid |= block_to_array(provider.block(b, ext, w, h)) == 0
-    mask = (~invalid).astype(np.uint8)
+    alpha = [block_to_array(provider.block(b, ext, w, h)) for b in alpha_bands(provider)]
+    nodata = [band_invalid(provider, b, arr) for b, arr in zip(bands, arrays, strict=True)]
+    mask = valid_pixels([~n for n in nodata], arrays, alpha).astype(np.uint8)  # the protocol's rule
+    for arr, n in zip(arrays, nodata, strict=True):
+        arr[n] = 0  # a band's nodata cells read as 0 (the mask says the pixel is invalid)
     if src.footprint is not None:
         mask = combine(mask, src.footprint.mask(transform, h, w, src.crs))
     notes: List[str] = []

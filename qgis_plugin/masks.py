@@ -1,7 +1,8 @@
 """Valid-pixel masks: ``uint8`` H x W arrays, non-zero = valid (the protocol's ``NAME_mask`` arrays).
 
-A pixel is invalid when it is a raster's nodata (per band, any dtype; the provider's own and user nodata
-values), transparent in an alpha band (QGIS exposes a GDAL mask band as one), outside the raster's footprint
+A pixel is invalid when it is a raster's nodata in any band read (each band's own mask: the provider's nodata
+and user nodata values; NaN), transparent in an alpha band (QGIS exposes a GDAL mask band as one): the rule of
+``shared_protocol.nodata``, which the backend's raster readers apply too; outside the raster's footprint
 in a rendered capture (nothing drawn there), or outside an area of interest. Nothing here touches widgets or
 layers, so every function may run in a worker thread; :meth:`AreaOfInterest.of_layer` is called on the main
 thread.
@@ -53,11 +54,10 @@ def valid_range(pixels: np.ndarray, mask: Optional[np.ndarray], channels: int = 
 
 
 def band_invalid(provider, band: int, values: np.ndarray) -> np.ndarray:
-    """Where ``values`` (a block of ``band`` read from ``provider``) are nodata: the source nodata value (when
-    used), the user's nodata ranges and, for floats, NaN / infinities."""
+    """Where ``values`` (a block of ``band`` read from ``provider``) are nodata in that band's own mask: the source
+    nodata value (when used) and the user's nodata ranges. ``shared_protocol.nodata.valid_pixels`` combines the
+    bands' masks (NaN / infinities and alpha bands included) into the valid pixels."""
     invalid = np.zeros(values.shape, bool)
-    if values.dtype.kind == "f":
-        invalid |= ~np.isfinite(values)
     if provider.sourceHasNoDataValue(band) and provider.useSourceNoDataValue(band):
         nodata = float(provider.sourceNoDataValue(band))
         if not math.isnan(nodata):

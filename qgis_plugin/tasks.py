@@ -2,6 +2,7 @@
 ``finished()`` on the main thread."""
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from typing import Any, Callable, List, Optional
@@ -18,6 +19,53 @@ from .tools.base import Feedback, Outcome
 from .settings import Settings
 
 CANCEL_GRACE_S = 1.0  # after a cancel, how long the task waits for the backend to confirm before it ends anyway
+
+
+class Workers:
+    """Daemon threads that live as long as QGIS, for the requests' work (network waits, then outputs written with
+    QGIS's API: CRSs, GeoPackage writers). A thread that used PROJ must not end while QGIS runs: on QGIS 3.22 a
+    PROJ-using thread ending inside a task's thread leaves QGIS's CRS caches broken, and later transforms on the
+    main thread silently do nothing (ellipsoidal areas become NaN). A new thread is started only when none is
+    idle."""
+
+    def __init__(self, name: str = "mapquery-request"):
+        self.name = name
+        self._jobs: "queue.Queue[Callable[[], None]]" = queue.Queue()
+        self._lock = threading.Lock()
+        self._idle = 0
+        self.threads: List[threading.Thread] = []
+
+    def submit(self, job: Callable[[], None]) -> threading.Event:
+        """Run ``job`` on a worker; the event is set when it has returned (or raised)."""
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                job()
+            finally:
+                done.set()
+        with self._lock:
+            self._jobs.put(run)
+            if self._idle > 0:
+                self._idle -= 1
+            else:
+                thread = threading.Thread(target=self._loop, name=f"{self.name}-{len(self.threads)}", daemon=True)
+                self.threads.append(thread)
+                thread.start()
+        return done
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                job()
+            except BaseException:  # noqa: BLE001 - a job reports its own errors; the worker lives on
+                pass
+            with self._lock:
+                self._idle += 1
+
+
+WORKERS = Workers()
 
 
 class MapQueryTask(QgsTask):
@@ -37,7 +85,7 @@ class MapQueryTask(QgsTask):
         self.done = False
 
     def run(self) -> bool:  # worker thread: no widgets, no layers
-        """Run the processor in a thread of its own, so that a cancel ends the task within
+        """Run the processor on one of the :data:`WORKERS`, so that a cancel ends the task within
         ``CANCEL_GRACE_S`` even when the backend never answers (stopped, killed, stuck in a batch)."""
         feedback = Feedback(lambda p, m: self.setProgress(100.0 * p), self.cancel_event)
         box: dict = {}
@@ -52,17 +100,15 @@ class MapQueryTask(QgsTask):
             except BaseException as exc:  # noqa: BLE001 - reported on the main thread
                 box["error"] = exc
 
-        worker = threading.Thread(target=work, name="mapquery-request", daemon=True)
-        worker.start()
+        finished = WORKERS.submit(work)  # a thread that lives on (see Workers)
         cancelled_at: Optional[float] = None
-        while worker.is_alive():
-            worker.join(0.05)
+        while not finished.wait(0.05):
             if self.isCanceled():
                 self.cancel_event.set()
             if self.cancel_event.is_set():
                 cancelled_at = cancelled_at or time.monotonic()
                 if time.monotonic() - cancelled_at > CANCEL_GRACE_S:
-                    break  # the request thread ends on its own (its client gives up after a cancel)
+                    break  # the request's worker finishes on its own (its client gives up after a cancel)
         if self.cancel_event.is_set():  # whatever the request ended with (a dead backend ...): cancelled
             self.error = ProtocolError(ErrorCode.CANCELLED, f"{self.processor.title} cancelled")
             return False

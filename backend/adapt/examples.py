@@ -3,8 +3,9 @@
 The labels are any vector file OGR reads (GeoPackage, GeoJSON, Shapefile ...; read with pyogrio), in any CRS:
 they are reprojected to the raster's (pyproj). Chips are ``chip_size`` pixels at a ground resolution of
 ``resolution`` raster-CRS units per chip pixel; over a polygon they tile it (squares at least half inside),
-around a point they are centred on it. Only chips whose valid share (rasterio's ``dataset_mask``: nodata,
-alpha, internal masks) reaches ``min_valid`` are kept. Every chip remembers its example (the feature it comes
+around a point they are centred on it. Only chips whose valid share (``files.raster_valid``, the
+protocol's rule: valid in every band's nodata or internal mask, alpha > 0) reaches ``min_valid`` are kept.
+Every chip remembers its example (the feature it comes
 from): the validation split takes whole examples. Bad input raises :class:`ExampleError` with a message that
 says what to fix; nothing is written here except by :func:`export_image_folder` (complete or absent).
 """
@@ -228,8 +229,9 @@ def read_chip(ds, centre: Tuple[float, float], side_px: float, chip_size: int) -
         row + side_px / 2 <= ds.height  # boundless reads go through a VRT: much slower
     data = ds.read(bands, window=window, out_shape=(len(bands), chip_size, chip_size), boundless=not inside,
                    fill_value=0, resampling=Resampling.bilinear)
-    mask = ds.dataset_mask(window=window, out_shape=(chip_size, chip_size), boundless=not inside)
-    return np.ascontiguousarray(data.transpose(1, 2, 0)), float((mask > 0).mean())
+    from ..files import raster_valid
+    mask = raster_valid(ds, bands, data, window=window, out_shape=(chip_size, chip_size), boundless=not inside)
+    return np.ascontiguousarray(data.transpose(1, 2, 0)), float(mask.mean())
 
 
 def to_uint(chips: np.ndarray) -> Tuple[np.ndarray, Optional[List[float]]]:

@@ -168,6 +168,7 @@ def read_raster(path: str, resolution: float | None):
     """(pixels H x W x C, valid mask H x W, affine list, CRS string) at ``resolution`` (default native)."""
     import rasterio
     from rasterio.enums import Resampling
+    from backend.files import raster_valid
     with rasterio.open(path) as ds:
         t = ds.transform
         pixel = float(np.sqrt(abs(t.a * t.e - t.b * t.d)))
@@ -175,7 +176,7 @@ def read_raster(path: str, resolution: float | None):
         h, w = max(1, int(round(ds.height / factor))), max(1, int(round(ds.width / factor)))
         bands = [1, 2, 3] if ds.count >= 3 else [1]
         data = ds.read(bands, out_shape=(len(bands), h, w), resampling=Resampling.bilinear)
-        mask = ds.dataset_mask(out_shape=(h, w))
+        mask = raster_valid(ds, bands, data, out_shape=(h, w)).astype(np.uint8)
         scaled = t * t.scale(ds.width / w, ds.height / h)
         crs = ds.crs.to_string() if ds.crs else None
     if data.dtype not in (np.uint8, np.uint16):

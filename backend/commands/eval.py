@@ -16,6 +16,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     z.add_argument("--templates", default="georsclip", help="template set (georsclip, remoteclip, skyclip, simple)")
     z.add_argument("--ensemble", default="georsclip", choices=["georsclip", "openclip"])
     z.add_argument("--max-per-class", type=int, help="evaluate at most N images per class")
+    z.add_argument("--predictions", metavar="CSV", help="write each image's prediction: file,label,predicted")
     _common(z)
     z.set_defaults(func=run_zeroshot)
 
@@ -40,7 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter", metavar="FILE", help="evaluate this adapter on the base model")
+    p.add_argument("--adapter", metavar="FILE", help="evaluate this adapter on the base model (zero-shot: classified "
+                   "as the served classify does, e.g. with an instant adapter's own head)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", action="store_true", help="print one JSON object (last line)")
     add_model_flags(p)
@@ -65,6 +67,9 @@ def run_zeroshot(args: argparse.Namespace) -> int:
         loaded, model = _model(args)
         res = evaluate_zeroshot(model, loaded.tokenizer, samples, classes, ImageLoader(loaded, cache=False).batch,
                                 args.templates, args.ensemble, args.batch_size)
+        predictions = res.pop("predictions")
+        if args.predictions:
+            write_predictions(args.predictions, samples, classes, predictions)
     except (BackendError, ProtocolError) as exc:
         return fail(exc.message)
     except (DataError, ValueError, OSError) as exc:
@@ -73,6 +78,18 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     lines.append(f"{'overall (' + str(res['n']) + ' images)':32} {res['top1']:8.2f}")
     emit(args, lines, {"task": "zeroshot", "model": loaded.name, "adapter": args.adapter, **res})
     return 0
+
+
+def write_predictions(path: str, samples, classes, predictions) -> None:
+    """A CSV of ``file,label,predicted`` (class names), one row per image, written atomically."""
+    import csv
+    import io
+    from backend.files import atomic_write
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["file", "label", "predicted"])
+    writer.writerows([str(p), classes[k], classes[j]] for (p, k), j in zip(samples, predictions, strict=True))
+    atomic_write(path, out.getvalue().encode())
 
 
 def run_retrieval(args: argparse.Namespace) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Dict, List, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from backend import zeroshot
@@ -23,7 +22,8 @@ def top1_accuracy(logits: Tensor, labels: Tensor) -> float:
 def evaluate_zeroshot(model, tokenizer, samples: Sequence[Tuple[object, int]], classnames: Sequence[str], loader,
                       templates: Sequence[str] | str = "georsclip", ensemble: str = "georsclip",
                       batch_size: int = 64, device=None) -> Dict[str, object]:
-    """Top-1 (percent) over ``samples`` = (path, label) pairs; ``loader(paths)`` gives a model-ready batch."""
+    """Top-1 (percent) over ``samples`` = (path, label) pairs; ``loader(paths)`` gives a model-ready batch.
+    ``predictions``: the predicted class index of each sample, in order."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -31,20 +31,18 @@ def evaluate_zeroshot(model, tokenizer, samples: Sequence[Tuple[object, int]], c
         if isinstance(templates, str):
             templates = get_templates(templates)
         encode_text = zeroshot.model_text_encoder(model, tokenizer, device)
-        conditioned = zeroshot.is_image_conditioned(model)
-        fixed = None if conditioned else zeroshot.class_features(model, classnames, encode_text, templates, ensemble)
+        classifier = zeroshot.Classifier(model, classnames, lambda: zeroshot.class_features(
+            model, classnames, encode_text, templates, ensemble))
         preds: List[Tensor] = []
         labels = torch.tensor([lab for _, lab in samples], dtype=torch.long)
         for i in range(0, len(samples), batch_size):
             x = loader([p for p, _ in samples[i:i + batch_size]]).to(device)
-            img = F.normalize(model.encode_image(x).float(), dim=-1)
-            feats = fixed if fixed is not None else zeroshot.class_features(
-                model, classnames, encode_text, templates, ensemble, images=x)
-            preds.append(zeroshot.logits(img, feats).argmax(dim=-1).cpu())
+            preds.append(classifier.logits(zeroshot.image_features(model, x), x).argmax(dim=-1).cpu())
         pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
     finally:
         model.train(was_training)
     per_class = {c: 100.0 * float((pred[labels == k] == k).float().mean()) for k, c in enumerate(classnames)
                  if (labels == k).any()}
     acc = 100.0 * float((pred == labels).float().mean()) if len(labels) else float("nan")
-    return {"top1": acc, "n": int(len(labels)), "classes": len(classnames), "per_class": per_class}
+    return {"top1": acc, "n": int(len(labels)), "classes": len(classnames), "per_class": per_class,
+            "predictions": pred.tolist()}

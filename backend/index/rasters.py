@@ -3,8 +3,9 @@
 Any file GDAL opens (GeoTIFF, COG, VRT) in any CRS. Colour: the red, green and blue bands (by colour
 interpretation, else the first three; one band is grey); alpha bands only mark validity. Values: 8-bit as
 is; other integer and float types are scaled per raster with the 2nd-98th percentile of its valid pixels
-(from a decimated read). Validity: rasterio's ``dataset_mask`` (nodata, alpha, internal masks). A rotated
-affine is fine: footprints are the windows' corners through it.
+(from a decimated read). Validity: ``files.raster_valid``, the protocol's rule (valid in every colour band's
+nodata or internal mask, alpha > 0, finite). A rotated affine is fine: footprints are the windows' corners
+through it.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
 
+from ..files import raster_valid
 from ..tasks.windows import selo_windows
 from .errors import RASTER_BANDS, RASTER_DTYPE, RASTER_NO_CRS, RASTER_UNREADABLE, bad
 from .layout import WindowSettings
@@ -109,7 +111,7 @@ def open_raster(path: str, with_hash: bool = True) -> RasterInfo:
             f = max(1, -(-max(ds.width, ds.height) // STATS_PIXELS))
             shape = (max(1, ds.height // f), max(1, ds.width // f))
             sample = ds.read(bands, out_shape=(len(bands),) + shape)
-            mask = ds.dataset_mask(out_shape=shape) > 0
+            mask = raster_valid(ds, bands, sample, out_shape=shape)
             date = ds.tags().get("TIFFTAG_DATETIME") or ""
             info = RasterInfo(path=path, bytes=st.st_size, mtime_ns=st.st_mtime_ns, width=ds.width, height=ds.height,
                               crs=ds.crs.to_string(), transform=list(t)[:6], bands=bands, dtype=dtype,
@@ -243,11 +245,11 @@ def read_windows(info: RasterInfo, boxes: np.ndarray, keep: Optional[Set[int]], 
                 stop = min(info.height, -(-y1 // bh) * bh)
                 w = Window(0, end, info.width, stop - end)
                 data = ds.read(info.bands, window=w)
+                m = raster_valid(ds, info.bands, data, window=w)
                 if float_input:
                     data = np.nan_to_num(data.astype(np.float32, copy=False))
                 buf = np.concatenate([buf, data.transpose(1, 2, 0)]) if len(buf) else \
                     np.ascontiguousarray(data.transpose(1, 2, 0))
-                m = ds.dataset_mask(window=w) > 0
                 mbuf = np.concatenate([mbuf, m]) if len(mbuf) else m
             pending.append(i)
             last = pos == len(order) - 1

@@ -5,7 +5,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from shared_protocol import ErrorCode, ProtocolError
 from shared_protocol.defaults import MIN_VALID_SHARE
@@ -77,17 +76,15 @@ def tiles_from_request(params: Dict[str, Any], arrays: Dict[str, np.ndarray]
     return windows, cells, canvas
 
 
-def conditioned_probabilities(engine: Engine, classes: Sequence[str], tiles: np.ndarray, scale,
-                              adapter: Optional[str], progress: Progress) -> torch.Tensor:
+def conditioned_probabilities(engine: Engine, classifier: zeroshot.Classifier, tiles: np.ndarray, scale,
+                              progress: Progress) -> torch.Tensor:
     """Probabilities from a prompt learner whose class features depend on each image (GDPL), batch by batch."""
-    model = engine.model_for(adapter)
     out = []
     for start in range(0, len(tiles), engine.batch_size):
         progress(start / max(len(tiles), 1), f"classifying {start}/{len(tiles)}")
         x = preprocess_batch(tiles[start:start + engine.batch_size], engine.loaded, scale=scale)
         with torch.inference_mode(), engine.autocast():
-            img = F.normalize(model.encode_image(x).float(), dim=-1)
-            out.append(zeroshot.probabilities(img, zeroshot.learned_class_features(model, classes, x)))
+            out.append(classifier.probabilities(zeroshot.image_features(classifier.model, x), x))
     return torch.cat(out)
 
 
@@ -114,12 +111,13 @@ def classify(engine: Engine, params: Dict[str, Any], arrays: Dict[str, np.ndarra
                         valid if valid is None or canvas is None else valid[None])
     tiles = tiles[keep]  # the tiles (or grid windows) encoded
     adapter = params.get("adapter")
+    classifier = zeroshot.Classifier(engine.model_for(adapter), classes, lambda: class_vectors(
+        engine, classes, params, lambda p, m: progress(0.9 + 0.09 * p, m)))
     if not len(tiles):
         probs_t = torch.zeros((0, len(classes)))
-    elif zeroshot.is_image_conditioned(engine.model_for(adapter)):
+    elif classifier.image_conditioned:
         source = tiles if canvas is None else np.stack([canvas[y0:y1, x0:x1] for x0, y0, x1, y1 in tiles])
-        probs_t = conditioned_probabilities(engine, classes, source, scale, adapter,
-                                            lambda p, m: progress(0.9 * p, m))
+        probs_t = conditioned_probabilities(engine, classifier, source, scale, lambda p, m: progress(0.9 * p, m))
     else:
         if canvas is None:
             feats = engine.encode_images(tiles, adapter, scale=scale, progress=lambda p, m: progress(0.9 * p, m))
@@ -127,12 +125,8 @@ def classify(engine: Engine, params: Dict[str, Any], arrays: Dict[str, np.ndarra
             key = ("grid", adapter, scale, content_key(canvas), content_key(tiles))
             feats = engine.cache.get_or_compute(key, lambda: engine.encode_windows(
                 canvas, tiles, None, adapter, scale, lambda p, m: progress(0.9 * p, m)))
-        head = getattr(engine.model_for(adapter), "classify_features", None)  # an instant adapter's own head
-        if head is not None:
-            probs_t = head(feats, classes).softmax(dim=-1)
-        else:
-            probs_t = zeroshot.probabilities(feats, class_vectors(engine, classes, params,
-                                                                  lambda p, m: progress(0.9 + 0.09 * p, m)))
+        with torch.inference_mode():
+            probs_t = classifier.probabilities(feats)
     probs = np.full((len(keep) + len(skip), len(classes)), np.nan, dtype=np.float32)
     probs[keep] = probs_t.float().cpu().numpy()
     k = min(params.get("top_k", 5), len(classes))

@@ -51,14 +51,26 @@ def project():
 
 
 @pytest.fixture(scope="session")
-def processing_ready(qgis_app):
+def processing_initialized(qgis_app):
+    """QGIS's Processing framework, initialised once (as the Processing plugin does at QGIS's start)."""
     from processing.core.Processing import Processing
     Processing.initialize()
+    return QgsApplication.processingRegistry()
+
+
+@pytest.fixture
+def processing_ready(processing_initialized):
+    """The registry with a MapQuery provider for one test; the provider this fixture added is removed after it,
+    so that no later test (the dock's: loading the plugin registers its own) finds one left behind."""
     from qgis_plugin.processing.provider import MapQueryProvider
-    reg = QgsApplication.processingRegistry()
+    reg = processing_initialized
+    provider = None
     if reg.providerById("mapquery") is None:
-        reg.addProvider(MapQueryProvider())
-    return reg
+        provider = MapQueryProvider()
+        reg.addProvider(provider)
+    yield reg
+    if provider is not None:
+        reg.removeProvider(provider)
 
 
 from mq_helpers import ROOT as _ROOT, backend_python, fake_server, start_live_backend  # noqa: E402,F401

@@ -295,25 +295,7 @@ def test_desktop_adapt_tab(qgis_app, tmp_path, adapt_backend):
     assert img.width() >= 800 and img.height() >= 600
 
 
-@pytest.fixture
-def mapquery_provider(qgis_app):
-    """The MapQuery provider for one test, removed after it (the dock tests check that unloading the plugin
-    leaves no provider registered)."""
-    from processing.core.Processing import Processing
-    from qgis.core import QgsApplication
-    from qgis_plugin.processing.provider import MapQueryProvider
-    Processing.initialize()
-    reg = QgsApplication.processingRegistry()
-    provider = None
-    if reg.providerById("mapquery") is None:
-        provider = MapQueryProvider()
-        reg.addProvider(provider)
-    yield reg
-    if provider is not None:
-        reg.removeProvider(provider)
-
-
-def test_processing_adapt_then_classify_with_the_adapter(tmp_path, adapt_backend, mapquery_provider):
+def test_processing_adapt_then_classify_with_the_adapter(tmp_path, adapt_backend, processing_ready):
     import json
     import processing
     from qgis.core import QgsProcessingContext, QgsProcessingFeedback

@@ -66,23 +66,68 @@ def spin(condition, timeout=60.0):
         time.sleep(0.02)
 
 
-@pytest.fixture
-def plugin(qgis_app, project, live_backend, data_dir, tmp_path):
+def load_plugin(live_backend, layer, tmp_path):
+    """The plugin as QGIS loads it (classFactory, initGui) on a fake iface whose canvas shows ``layer``."""
     import qgis_plugin
     from qgis_plugin.settings import Settings
     Settings(mode="connect", address=live_backend.address, timeout_s=60, output_dir=str(tmp_path / "outputs")).save()
     iface = FakeIface()
-    layer = QgsRasterLayer(str(data_dir / "RGB.byte.tif"), "rgb")
-    project.addMapLayer(layer)
     iface.canvas.setDestinationCrs(layer.crs())
     iface.canvas.setLayers([layer])
     iface.canvas.setExtent(layer.extent())
     plugin = qgis_plugin.classFactory(iface)
     plugin.initGui()
-    assert QgsApplication.processingRegistry().providerById("mapquery") is not None
+    return plugin, iface
+
+
+@pytest.fixture
+def plugin(qgis_app, project, live_backend, data_dir, tmp_path):
+    """The loaded plugin; unloading it leaves the Processing registry as it found it."""
+    registry = QgsApplication.processingRegistry()
+    before = registry.providerById("mapquery")  # None, unless a test left one behind
+    layer = QgsRasterLayer(str(data_dir / "RGB.byte.tif"), "rgb")
+    project.addMapLayer(layer)
+    plugin, iface = load_plugin(live_backend, layer, tmp_path)
+    assert registry.providerById("mapquery") is not None
     yield plugin, iface, layer
     plugin.unload()
-    assert QgsApplication.processingRegistry().providerById("mapquery") is None and not iface.menu
+    assert registry.providerById("mapquery") is before and not iface.menu
+
+
+def test_plugin_beside_processing_and_a_registered_provider(processing_ready, qgis_app, project, live_backend,
+                                                             data_dir, tmp_path):
+    """Processing loaded, a 'mapquery' provider registered already (a reloaded or second copy of the plugin):
+    the plugin loads, its dock works, and unloading it leaves that provider, which is not its own."""
+    foreign = processing_ready.providerById("mapquery")
+    layer = QgsRasterLayer(str(data_dir / "RGB.byte.tif"), "rgb")
+    project.addMapLayer(layer)
+    plugin, iface = load_plugin(live_backend, layer, tmp_path)
+    try:
+        assert plugin.provider is None and processing_ready.providerById("mapquery") is foreign
+        dock = plugin.show_dock()
+        spin(lambda: "connected" in dock.status_label.text() and "not" not in dock.status_label.text())
+        dock.resolution.setValue(600.0)
+        dock.localize_edit.setText("a river")
+        dock.run_tool("localize")
+        spin(lambda: iface.bar.messages and dock.active is None)
+        assert iface.bar.messages[-1][1].startswith("localize"), iface.bar.messages
+    finally:
+        plugin.unload()
+    assert processing_ready.providerById("mapquery") is foreign and not iface.menu
+
+
+def test_plugin_registers_and_removes_its_own_provider_beside_processing(processing_initialized, qgis_app,
+                                                                          live_backend, data_dir, tmp_path):
+    """Processing loaded before the plugin (as in QGIS): the plugin registers its provider, unload removes it."""
+    registry = processing_initialized
+    assert registry.providerById("mapquery") is None
+    plugin, iface = load_plugin(live_backend, QgsRasterLayer(str(data_dir / "RGB.byte.tif"), "rgb"), tmp_path)
+    try:
+        assert plugin.provider is not None and registry.providerById("mapquery") is plugin.provider
+        assert sorted(a.name() for a in plugin.provider.algorithms())[0] == "adapt"
+    finally:
+        plugin.unload()
+    assert registry.providerById("mapquery") is None
 
 
 def test_dock_shows_status_and_runs_the_three_tools(plugin, project, tmp_path):

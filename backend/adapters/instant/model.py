@@ -1,7 +1,8 @@
 """The instant methods as adapted models: the base encoders unchanged, a closed-set head on image embeddings.
 
-The engine serves them like any adapter (``encode_image`` / ``encode_text`` are the base model's); classify
-asks :meth:`FeatureHead.classify_features` for the logits of the requested classes (a subset of the adapter's
+The engine serves them like any adapter (``encode_image`` / ``encode_text`` are the base model's); zero-shot
+(``backend.zeroshot.Classifier``: classify, ``eval zeroshot``, the trainer's evaluation) asks
+:meth:`FeatureHead.classify_features` for the logits of the requested classes (a subset of the adapter's
 classes, in any order).
 """
 from __future__ import annotations
