@@ -68,6 +68,14 @@ def window_boxes_problem(boxes, height: int, width: int) -> Optional[str]:
     return None
 
 
+def window_scores_problem(scores, queries: int, windows: int) -> Optional[str]:
+    """Why ``scores`` (the reply's ``scores`` array) do not answer ``queries`` queries on ``windows`` windows."""
+    shape = tuple(getattr(scores, "shape", ()))
+    if shape != (queries, windows) or getattr(getattr(scores, "dtype", None), "name", "") != "float32":
+        return f"must be float32 of shape {[queries, windows]}, got {getattr(scores, 'dtype', '?')} {list(shape)}"
+    return None
+
+
 def mask_spec(image: ArraySpec) -> ArraySpec:
     """The optional ``NAME_mask`` array of an image array: uint8, its shape without the channels."""
     return ArraySpec(f"{image.name}_mask", MASK_DTYPES, tuple(n - 1 for n in image.ndim), required=False,

@@ -40,18 +40,25 @@ def selo_windows(height: int, width: int, size: int) -> np.ndarray:
     return np.array(sorted(boxes, key=lambda b: (b[1], b[0])), dtype=np.int64).reshape(-1, 4)
 
 
-def cell_means(boxes: np.ndarray, scores: np.ndarray, height: int, width: int
-               ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def window_edges(boxes: np.ndarray, height: int, width: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(ys, xs): the sorted window edges and the canvas's, the cell grid of :func:`cell_means`."""
+    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    return (np.unique(np.concatenate([boxes[:, [1, 3]].ravel(), [0, height]])),
+            np.unique(np.concatenate([boxes[:, [0, 2]].ravel(), [0, width]])))
+
+
+def cell_means(boxes: np.ndarray, scores: np.ndarray, height: int, width: int,
+               edges: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The mean score of the windows covering each pixel, for Q score columns, on the grid of window edges.
 
     Every pixel of a cell between consecutive edges (``ys`` x ``xs``, from 0 to the canvas size) is covered
     by the same windows, so the per-pixel mean is exact on the cells: (Q x Ny x Nx float32, ys, xs), by a
-    2-D difference array, O(windows + cells). Cells no window covers are NaN.
+    2-D difference array, O(windows + cells). Cells no window covers are NaN. ``edges``: a finer grid to use
+    (it must hold every window edge), e.g. that of more windows than those scored.
     """
     boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
     scores = np.asarray(scores, dtype=np.float64).reshape(len(boxes), -1)
-    xs = np.unique(np.concatenate([boxes[:, [0, 2]].ravel(), [0, width]]))
-    ys = np.unique(np.concatenate([boxes[:, [1, 3]].ravel(), [0, height]]))
+    ys, xs = window_edges(boxes, height, width) if edges is None else edges
     cx0, cx1 = np.searchsorted(xs, boxes[:, 0]), np.searchsorted(xs, boxes[:, 2])
     cy0, cy1 = np.searchsorted(ys, boxes[:, 1]), np.searchsorted(ys, boxes[:, 3])
     q = scores.shape[1]
