@@ -76,8 +76,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
     return path
 
 
-class GeotiffRows:
-    """A float32 deflate GeoTIFF written a strip of rows at a time under a temp name and renamed into place by
+class GeotiffWriter:
+    """A float32 deflate GeoTIFF written a block at a time under a temp name and renamed into place by
     :meth:`commit` (complete or absent: :meth:`abort`, or leaving a ``with`` block by an exception, removes it);
     ``metadata`` becomes dataset metadata items ``MAPQUERY_<KEY>``."""
 
@@ -108,12 +108,12 @@ class GeotiffRows:
             self.abort()
             raise
 
-    def write(self, row: int, bands: np.ndarray) -> None:
-        """Rows ``row`` .. of every band: a (B x) rows x W array."""
+    def write(self, row: int, bands: np.ndarray, col: int = 0) -> None:
+        """The pixels from ``row``, ``col`` on of every band: a (B x) rows x columns array."""
         arr = np.asarray(bands, dtype=np.float32)
         arr = arr[None] if arr.ndim == 2 else arr
         for i in range(self.count):
-            self.ds.GetRasterBand(i + 1).WriteArray(arr[i], 0, int(row))
+            self.ds.GetRasterBand(i + 1).WriteArray(arr[i], int(col), int(row))
 
     def commit(self) -> Path:
         self.ds.FlushCache()
@@ -126,7 +126,7 @@ class GeotiffRows:
         if self.tmp.exists():
             self.tmp.unlink()
 
-    def __enter__(self) -> "GeotiffRows":
+    def __enter__(self) -> "GeotiffWriter":
         return self
 
     def __exit__(self, kind, value, tb) -> None:
@@ -138,11 +138,11 @@ def write_geotiff(path: Path, bands: np.ndarray, transform: Sequence[float], crs
                   descriptions: Sequence[str] = (), nodata: Optional[float] = None,
                   metadata: Optional[Dict[str, Any]] = None) -> Path:
     """Write a (B x) H x W float32 array as a deflate-compressed GeoTIFF (temp name, then rename; see
-    :class:`GeotiffRows`)."""
+    :class:`GeotiffWriter`)."""
     arr = np.asarray(bands, dtype=np.float32)
     arr = arr[None] if arr.ndim == 2 else arr
     count, h, w = arr.shape
-    with GeotiffRows(path, w, h, count, transform, crs_wkt, descriptions, nodata, metadata) as out:
+    with GeotiffWriter(path, w, h, count, transform, crs_wkt, descriptions, nodata, metadata) as out:
         out.write(0, arr)
         return out.commit()
 

@@ -5,7 +5,7 @@ size/2), clamped at the canvas edges (:func:`selo_windows`). The per-pixel mean 
 is piecewise constant on the cells between window edges (:func:`cell_means`); everything after it works on
 those cells: the min-max over valid pixels, the median smoothing (``smooth`` px; from ``SMOOTH_WORK_KERNEL``
 px on, on block means of :func:`smooth_block` px resized back bilinearly) and the final map, made a range
-of rows at a time (:class:`MapRenderer`), so a whole raster's map never needs to be held at once.
+of rows and columns at a time (:class:`MapRenderer`), so a whole raster's map never needs to be held at once.
 
 Valid pixels (an H x W bool mask; None: all): a pixel that is invalid or that no window covers is NaN, the
 median ignores NaN (weighted medians over runs of equal values), and block means are means of valid pixels.
@@ -334,14 +334,15 @@ def _linear(n_out: int, n_in: int, scale: int) -> Tuple[np.ndarray, np.ndarray, 
     return i0, np.minimum(i0 + 1, n_in - 1), (src - i0).astype(np.float32)
 
 
-def upsample_rows(small: np.ndarray, block: int, row0: int, row1: int, width: int) -> np.ndarray:
-    """Rows ``row0`` .. ``row1`` (and columns 0 .. ``width``) of the Q x By x Bx block map resized ``block``
+def upsample(small: np.ndarray, block: int, row0: int, row1: int, col0: int, col1: int) -> np.ndarray:
+    """Rows ``row0`` .. ``row1`` and columns ``col0`` .. ``col1`` of the Q x By x Bx block map resized ``block``
     times bilinearly, normalised by the finite blocks each pixel draws on (NaN blocks never pull; NaN where
     all four are NaN)."""
     q, by, bx = small.shape
     i0, i1, fy = _linear(row1, by, block)
     i0, i1, fy = i0[row0:], i1[row0:], fy[row0:, None]
-    j0, j1, fx = _linear(width, bx, block)
+    j0, j1, fx = _linear(col1, bx, block)
+    j0, j1, fx = j0[col0:], j1[col0:], fx[col0:]
     finite = np.isfinite(small)
     num, den = np.where(finite, small, 0.0).astype(np.float32), finite.astype(np.float32)
 
@@ -353,7 +354,7 @@ def upsample_rows(small: np.ndarray, block: int, row0: int, row1: int, width: in
 
 
 class MapRenderer:
-    """The final map of SeLo's fast mode from (normalised) cells, a range of rows at a time.
+    """The final map of SeLo's fast mode from (normalised) cells, a box of rows and columns at a time.
 
     ``kernel`` <= 1: the cells as they are. Below ``SMOOTH_WORK_KERNEL`` px: a median over the valid pixels
     (:func:`valid_median`, needs ``valid``, the whole mask). From it on: a median of ``block_kernel`` blocks
@@ -379,17 +380,19 @@ class MapRenderer:
         counts = grid.counts(valid) if subcell_counts is None else subcell_counts
         self.small = nan_median(grid.block_means(cells, counts), block_kernel(self.kernel))
 
-    def rows(self, row0: int, row1: int, valid: Optional[np.ndarray] = None) -> np.ndarray:
-        """Q x (row1 - row0) x W float32 pixels; ``valid``: those rows' mask (None: all valid)."""
+    def rows(self, row0: int, row1: int, valid: Optional[np.ndarray] = None, col0: int = 0,
+             col1: Optional[int] = None) -> np.ndarray:
+        """Q x (row1 - row0) x (col1 - col0) float32 pixels (columns: all by default); ``valid``: their mask
+        (None: all valid)."""
+        col1 = self.width if col1 is None else col1
+        cols, rows = cell_index(self.xs, col1, col0), cell_index(self.ys, row1, row0)
         if self.small is not None:
-            out = upsample_rows(self.small, self.block, row0, row1, self.width)
+            out = upsample(self.small, self.block, row0, row1, col0, col1)
         elif self.full is not None:
-            out = self.full[:, row0:row1]
+            out = self.full[:, row0:row1, col0:col1]
         else:
-            out = np.take(np.take(self.cells, cell_index(self.xs, self.width), axis=2),
-                          cell_index(self.ys, row1, row0), axis=1)
-        covered = np.take(np.take(self.covered, cell_index(self.xs, self.width), axis=1),
-                          cell_index(self.ys, row1, row0), axis=0)
+            out = np.take(np.take(self.cells, cols, axis=2), rows, axis=1)
+        covered = np.take(np.take(self.covered, cols, axis=1), rows, axis=0)
         bad = ~covered if valid is None else ~(covered & valid)
         out = np.array(out, dtype=np.float32, order="C")
         out[:, bad] = np.nan

@@ -3,7 +3,7 @@
 The fast mode (the default) makes the backend's fast-mode map of the whole source as one canvas, block by
 block (:mod:`localize_scene`): each of the source's SeLo windows is encoded once, in the block that holds its
 top-left corner, and the map is made from their scores by the backend's own code (``shared_protocol.selo``)
-and written a strip of blocks at a time, so memory follows the block size, not the source. Pixels invalid in
+and written a block at a time, so memory follows the block size, not the source. Pixels invalid in
 the mask (nodata, transparent, outside the footprint or the area of interest) and pixels no kept window
 covers are NaN; the min-max normalisation uses the valid pixels only.
 
@@ -24,7 +24,7 @@ from shared_protocol.defaults import DEFAULT_SMOOTH, DEFAULT_WINDOW_SIZES, MIN_V
 from shared_protocol.ops import SELO_MODES
 
 from ..errors import PluginError
-from ..outputs import GeotiffRows, slug, unique_path, write_mask_polygons_gpkg
+from ..outputs import GeotiffWriter, slug, unique_path, write_mask_polygons_gpkg
 from .base import Common, Feedback, LayerSpec, Outcome, Wire, provenance, warnings_of, where_of
 from .localize_scene import SceneMap, localize_scene
 
@@ -67,7 +67,7 @@ class LocalizeParams:
 
 @dataclass
 class LocalizeResult:
-    """The maps, made a strip of rows at a time (:meth:`strips`), and what to say about them."""
+    """The maps, made a block at a time (:meth:`blocks`), and what to say about them."""
 
     height: int
     width: int
@@ -83,27 +83,27 @@ class LocalizeResult:
     total_windows: int = 0  # the source's SeLo windows (fast mode)
     sent_windows: int = 0  # sent to the backend, each once (fast mode)
 
-    def strips(self) -> Iterator[Tuple[int, np.ndarray]]:
-        """(first row, Q x rows x W float32) covering the map from top to bottom."""
+    def blocks(self) -> Iterator[Tuple[int, int, np.ndarray]]:
+        """(first row, first column, Q x rows x columns float32) covering the map."""
         if self.scene is not None:
-            yield from self.scene.strips()
+            yield from self.scene.blocks()
         else:
-            yield 0, self.heatmaps
+            yield 0, 0, self.heatmaps
 
     def write(self, paths: Sequence[Optional[Path]], fb: Optional[Feedback] = None) -> None:
-        """Query ``q``'s map to ``paths[q]`` (None: not written), each a GeoTIFF written strip by strip, complete
+        """Query ``q``'s map to ``paths[q]`` (None: not written), each a GeoTIFF written block by block, complete
         or absent."""
         with ExitStack() as stack:
-            outs = {q: stack.enter_context(GeotiffRows(path, self.width, self.height, 1, self.transform, self.crs_wkt,
+            outs = {q: stack.enter_context(GeotiffWriter(path, self.width, self.height, 1, self.transform, self.crs_wkt,
                                                        [f"heatmap: {self.provenance[q]['query']}"], NODATA,
                                                        self.provenance[q]))
                     for q, path in enumerate(paths) if path is not None}
-            for row0, maps in self.strips():
+            for row0, col0, maps in self.blocks():
                 if fb is not None:
                     fb.check()
                     fb.progress(0.9 + 0.1 * row0 / self.height, "writing the heatmaps")
                 for q, out in outs.items():
-                    out.write(row0, maps[q])
+                    out.write(row0, maps[q], col0)
             for out in outs.values():
                 out.commit()
 

@@ -5,8 +5,8 @@ window belongs to the block that holds its top-left corner. A block's pixels are
 right and down as its windows do (at most the largest window), and the backend encodes exactly that block's
 windows (``ops.WINDOWS_ARRAY``) and returns their raw scores: every window is encoded once. The per-pixel mean,
 the min-max over valid pixels and the median smoothing then run on the cells of the window edges
-(``shared_protocol.selo``, the backend's own code), and the map is made a strip of blocks at a time: what is
-held is the cells, the blocks' masks as bits (none for a block without invalid pixels) and one strip.
+(``shared_protocol.selo``, the backend's own code), and the map is made a block at a time: what is held is the
+cells, the blocks' masks as bits (none for a block without invalid pixels) and one block.
 """
 from __future__ import annotations
 
@@ -26,37 +26,33 @@ from .base import Feedback, Wire
 
 @dataclass
 class SceneMap:
-    """The smoothed map of a ``height`` x ``width`` source, made ``strip`` rows at a time (:meth:`strips`)."""
+    """The smoothed map of a ``height`` x ``width`` source, made a block at a time (:meth:`blocks`)."""
 
     renderer: MapRenderer
     height: int
     width: int
-    strip: int
     masks: Dict[Tuple[int, int], Tuple[Tuple[int, int], Optional[np.ndarray]]] = field(default_factory=dict)
 
-    def valid_rows(self, row0: int, row1: int) -> Optional[np.ndarray]:
-        """The mask of rows ``row0`` .. ``row1`` (None: all valid), from the blocks' bits."""
-        parts = [(key, v) for key, v in self.masks.items() if key[0] == row0]
-        if all(bits is None for _, (_, bits) in parts):
-            return None
-        out = np.ones((row1 - row0, self.width), bool)
-        for (_, col0), ((h, w), bits) in parts:
-            if bits is not None:
-                out[:, col0:col0 + w] = np.unpackbits(bits, count=h * w).reshape(h, w).astype(bool)
-        return out
+    def valid(self, row0: int, col0: int) -> Optional[np.ndarray]:
+        """The mask of the block at ``row0``, ``col0`` (None: all valid), from its bits."""
+        (h, w), bits = self.masks[(row0, col0)]
+        return None if bits is None else np.unpackbits(bits, count=h * w).reshape(h, w).astype(bool)
 
     def whole_mask(self) -> Optional[np.ndarray]:
-        rows = [self.valid_rows(r, min(self.height, r + self.strip)) for r in range(0, self.height, self.strip)]
-        if all(r is None for r in rows):
+        if all(bits is None for _, bits in self.masks.values()):
             return None
-        return np.concatenate([np.ones((min(self.height, r + self.strip) - r, self.width), bool) if m is None else m
-                               for r, m in zip(range(0, self.height, self.strip), rows, strict=True)])
+        out = np.ones((self.height, self.width), bool)
+        for (row0, col0), ((h, w), bits) in self.masks.items():
+            if bits is not None:
+                out[row0:row0 + h, col0:col0 + w] = self.valid(row0, col0)
+        return out
 
-    def strips(self) -> Iterator[Tuple[int, np.ndarray]]:
-        """(first row, Q x rows x W float32: 0-1, NaN where invalid or no window covers) for each strip."""
-        for row0 in range(0, self.height, self.strip):
-            row1 = min(self.height, row0 + self.strip)
-            yield row0, self.renderer.rows(row0, row1, self.valid_rows(row0, row1))
+    def blocks(self) -> Iterator[Tuple[int, int, np.ndarray]]:
+        """(first row, first column, Q x rows x columns float32: 0-1, NaN where invalid or no window covers) for
+        each block, row by row of blocks."""
+        for row0, col0 in sorted(self.masks):
+            (h, w), _ = self.masks[(row0, col0)]
+            yield row0, col0, self.renderer.rows(row0, row0 + h, self.valid(row0, col0), col0, col0 + w)
 
 
 @dataclass
@@ -88,7 +84,7 @@ def localize_scene(source: Any, queries: Sequence[str], sizes: Sequence[int], ke
     counts = np.zeros((len(ys) - 1, len(xs) - 1), np.int64)
     sub = SubcellGrid.of(ys, xs, h, w, smooth_block(kernel)) if kernel >= SMOOTH_WORK_KERNEL else None
     sub_counts = None if sub is None else np.zeros((len(sub.ys) - 1, len(sub.xs) - 1), np.int64)
-    maps = SceneMap(None, h, w, block)  # type: ignore[arg-type]  # the renderer comes last
+    maps = SceneMap(None, h, w)  # type: ignore[arg-type]  # the renderer comes last
     encoded = sent = 0
     result: Dict[str, Any] = {}
     for k in range(rows * cols):

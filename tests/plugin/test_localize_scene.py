@@ -116,8 +116,9 @@ def test_each_window_is_encoded_once_and_reads_stay_within_a_block(qgis_app, ras
     assert set(client.encoded) == set(map(tuple, kept))
     assert len(reads) == 3 * 4  # each block read once
     assert all(h <= 150 + max(SIZES) and w <= 150 + max(SIZES) for h, w in reads)
-    strips = list(res.strips())
-    assert [r for r, _ in strips] == [0, 150, 300] and all(m.shape[1] <= 150 for _, m in strips)
+    blocks = list(res.blocks())  # the map is made and written a block at a time
+    assert [(r, c) for r, c, _ in blocks] == [(r, c) for r in (0, 150, 300) for c in (0, 150, 300, 450)]
+    assert all(m.shape[1:] == (min(150, H - r), min(150, W - c)) for r, c, m in blocks)
 
 
 def test_a_block_smaller_than_the_largest_window_is_raised_to_it(qgis_app, raster, tmp_path):

@@ -156,7 +156,7 @@ def test_the_map_equals_brute_force_over_pixels(kernel):
 @pytest.mark.parametrize("kernel", [0, 5, 45])
 def test_rows_at_a_time_and_counts_by_regions_equal_the_whole(kernel):
     """What the plugin does: sub-cell counts added region by region (the smoothing's padding repeating the last
-    row and column), the map made a strip at a time: the same as the whole canvas at once."""
+    row and column), the map made a block at a time: the same as the whole canvas at once."""
     rng = np.random.default_rng(4)
     h, w = 70, 90
     boxes, scores, valid = _scene(rng, h, w)
@@ -176,5 +176,7 @@ def test_rows_at_a_time_and_counts_by_regions_equal_the_whole(kernel):
     assert np.array_equal(sub, grid.counts(valid))
     renderer = MapRenderer(cells, ys, xs, h, w, kernel, valid if 1 < kernel < 15 else None,
                            sub if smooth_block(kernel) > 1 else None)
-    strips = np.concatenate([renderer.rows(r, min(h, r + 25), valid[r:r + 25]) for r in range(0, h, 25)], axis=1)
-    np.testing.assert_array_equal(strips, whole)
+    pieces = np.concatenate([np.concatenate([renderer.rows(r, min(h, r + 25), valid[r:r + 25, c:c + 40], c,
+                                                           min(w, c + 40)) for c in range(0, w, 40)], axis=2)
+                             for r in range(0, h, 25)], axis=1)
+    np.testing.assert_array_equal(pieces, whole)
