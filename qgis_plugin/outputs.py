@@ -77,16 +77,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
 
 
 class GeotiffWriter:
-    """A float32 deflate GeoTIFF written a block at a time under a temp name and renamed into place by
-    :meth:`commit` (complete or absent: :meth:`abort`, or leaving a ``with`` block by an exception, removes it);
-    ``metadata`` becomes dataset metadata items ``MAPQUERY_<KEY>``."""
+    """A float32 GeoTIFF (deflate level 1: half the time of the default level, ~1 % larger) written a block at a
+    time under a temp name and renamed into place by :meth:`commit` (complete or absent: :meth:`abort`, or
+    leaving a ``with`` block by an exception, removes it); ``metadata`` becomes dataset metadata items
+    ``MAPQUERY_<KEY>``."""
 
     def __init__(self, path: Path, width: int, height: int, count: int, transform: Sequence[float], crs_wkt: str,
                  descriptions: Sequence[str] = (), nodata: Optional[float] = None,
                  metadata: Optional[Dict[str, Any]] = None):
         from osgeo import gdal
         self.path, self.tmp, self.count = Path(path), _temp_sibling(Path(path)), count
-        opts = ["COMPRESS=DEFLATE", "PREDICTOR=3"] + (["TILED=YES"] if height >= 256 and width >= 256 else [])
+        opts = ["COMPRESS=DEFLATE", "PREDICTOR=3", "ZLEVEL=1"]
+        opts += ["TILED=YES"] if height >= 256 and width >= 256 else []
         self.ds = gdal.GetDriverByName("GTiff").Create(str(self.tmp), width, height, count, gdal.GDT_Float32,
                                                        options=opts)
         if self.ds is None:
