@@ -153,7 +153,8 @@ def main() -> None:
     for p in tmp.iterdir():
         p.unlink()
     tmp.rmdir()
-    app.exitQgis()
+    sys.stdout.flush()
+    os._exit(0)  # not app.exitQgis(): tearing QGIS down with the layer alive crashed it after the results
 
 
 if __name__ == "__main__":

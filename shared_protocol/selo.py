@@ -187,7 +187,7 @@ def _weighted_median(vals: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 def run_median(values: np.ndarray, row_lengths: np.ndarray, col_lengths: np.ndarray, size: int,
-               max_elements: int = 1 << 24) -> np.ndarray:
+               max_elements: int = 1 << 20) -> np.ndarray:
     """``size`` x ``size`` median (``size`` odd, edges replicated, NaN ignored; of an even count the lower middle
     value) of a Q x H x W map given as ``values`` (Q x R x C) repeated over runs of ``row_lengths`` rows and
     ``col_lengths`` columns.
@@ -218,7 +218,7 @@ def _runs(rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return starts, np.diff(np.append(starts, len(rows)))
 
 
-def nan_median(values: np.ndarray, size: int, max_elements: int = 1 << 24) -> np.ndarray:
+def nan_median(values: np.ndarray, size: int, max_elements: int = 1 << 20) -> np.ndarray:
     """``size`` x ``size`` median of a Q x R x C map ignoring NaN (edges replicated; of an even count the lower
     middle value); NaN where the whole window is NaN. Runs of equal rows and columns are medianed once."""
     q, rows, cols = values.shape
@@ -246,7 +246,7 @@ def _window_cells(edges: np.ndarray, n: int, size: int) -> Tuple[np.ndarray, np.
 
 
 def valid_median(cells: np.ndarray, ys: np.ndarray, xs: np.ndarray, valid: np.ndarray, size: int,
-                 max_elements: int = 1 << 24) -> np.ndarray:
+                 max_elements: int = 1 << 20) -> np.ndarray:
     """``size`` x ``size`` median over the valid pixels of a map piecewise constant on cells (NaN cells count
     as invalid), edges replicated, at the valid pixels: :func:`nan_median` of the full map there, without
     going through its windows (invalid pixels get their cell's value: the caller masks them).
@@ -334,23 +334,41 @@ def _linear(n_out: int, n_in: int, scale: int) -> Tuple[np.ndarray, np.ndarray, 
     return i0, np.minimum(i0 + 1, n_in - 1), (src - i0).astype(np.float32)
 
 
+def _widen(r: np.ndarray, scale: int, col0: int, col1: int) -> np.ndarray:
+    """Columns ``col0`` .. ``col1`` of ``r`` (... x Bx) resized ``scale`` times along its last axis, as
+    :func:`_linear` says, without gathers: output column ``scale * k + m`` blends input columns ``k - 1`` and
+    ``k`` (``m`` below ``scale / 2``) or ``k`` and ``k + 1``, edges replicated, with weights that depend on
+    ``m`` only."""
+    k0, k1 = col0 // scale, -(-col1 // scale)
+    padded = np.concatenate([r[..., :1], r, r[..., -1:]], axis=-1)  # padded[k + 1] = r[k], edges repeated
+    m = (np.arange(scale) + 0.5) / scale  # where output column m of a block falls in it
+    half = int((m < 0.5).sum())
+    f = np.where(m < 0.5, m + 0.5, m - 0.5).astype(np.float32)
+    a, b, c = (padded[..., k0 + i:k1 + i] for i in range(3))
+    counts = [half, scale - half]  # lo + (hi - lo) f: (a, b) for the first half of a block, (b, c) after
+    out = np.repeat(np.stack([b - a, c - b], axis=-1), counts, axis=-1)
+    out *= f
+    out += np.repeat(np.stack([a, b], axis=-1), counts, axis=-1)
+    if k0 == 0:  # torch clamps the source below 0 to 0: the first half block is the first column exactly
+        out[..., 0, :half] = r[..., :1]
+    flat = out.reshape(r.shape[:-1] + ((k1 - k0) * scale,))
+    return flat[..., col0 - k0 * scale:col1 - k0 * scale]
+
+
 def upsample(small: np.ndarray, block: int, row0: int, row1: int, col0: int, col1: int) -> np.ndarray:
     """Rows ``row0`` .. ``row1`` and columns ``col0`` .. ``col1`` of the Q x By x Bx block map resized ``block``
     times bilinearly, normalised by the finite blocks each pixel draws on (NaN blocks never pull; NaN where
-    all four are NaN)."""
-    q, by, bx = small.shape
-    i0, i1, fy = _linear(row1, by, block)
+    all four are NaN). Columns ``col1`` may reach ``block * Bx``."""
+    i0, i1, fy = _linear(row1, small.shape[1], block)
     i0, i1, fy = i0[row0:], i1[row0:], fy[row0:, None]
-    j0, j1, fx = _linear(col1, bx, block)
-    j0, j1, fx = j0[col0:], j1[col0:], fx[col0:]
-    finite = np.isfinite(small)
-    num, den = np.where(finite, small, 0.0).astype(np.float32), finite.astype(np.float32)
 
-    def rows_then_cols(a: np.ndarray) -> np.ndarray:
-        r = a[:, i0] * (1 - fy) + a[:, i1] * fy  # Q x rows x Bx
-        return r[:, :, j0] * (1 - fx) + r[:, :, j1] * fx
+    def resize(a: np.ndarray) -> np.ndarray:
+        return _widen(a[:, i0] * (1 - fy) + a[:, i1] * fy, block, col0, col1)  # rows (small), then columns
+    finite = np.isfinite(small)
+    if finite.all():
+        return resize(small.astype(np.float32))
     with np.errstate(invalid="ignore", divide="ignore"):
-        return rows_then_cols(num) / rows_then_cols(den)
+        return resize(np.where(finite, small, 0.0).astype(np.float32)) / resize(finite.astype(np.float32))
 
 
 class MapRenderer:
@@ -394,8 +412,10 @@ class MapRenderer:
             out = np.take(np.take(self.cells, cols, axis=2), rows, axis=1)
         covered = np.take(np.take(self.covered, cols, axis=1), rows, axis=0)
         bad = ~covered if valid is None else ~(covered & valid)
-        out = np.array(out, dtype=np.float32, order="C")
-        out[:, bad] = np.nan
+        out = (np.array(out, dtype=np.float32, order="C") if self.full is not None  # a view of self.full: copied
+               else np.ascontiguousarray(out, dtype=np.float32))
+        if bad.any():
+            out[:, bad] = np.nan
         return out
 
 
