@@ -13,7 +13,8 @@ Run with QGIS's Python (the plugin's side), which starts a backend from the venv
    over loopback. The server's own time for it (``elapsed_s``) is given too.
    The two alternate, ``--pairs`` times; the backend caches nothing (``--cache-mb 0``), so each run encodes.
 Target: whole scene <= 1.5 x the windows alone. Peak memory: VmHWM of each process, reset before each run
-(``/proc/PID/clear_refs``), so earlier peaks do not hide it.
+(``/proc/PID/clear_refs``), so earlier peaks do not hide it; for the plugin's side also the peak of what its
+Python and numpy allocate (tracemalloc), without GDAL's block cache of the rasters read and written.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import platform
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -118,13 +120,16 @@ def main() -> None:
                     rss0, srss0 = status_kb(me, "VmRSS:"), status_kb(spid, "VmRSS:")
                     t = time.perf_counter()
                     if side == "scene":
+                        tracemalloc.start()  # what the plugin's Python and numpy hold (not GDAL's block cache)
                         out = tmp / f"heat_{pair}.tif"
                         proc = LocalizeProcessor(RasterBlocks(layer), LocalizeParams([QUERY], block_px=args.block),
                                                  Common(tmp))
                         res = proc.compute(client, Feedback())
                         res.write([out])
                         wall = time.perf_counter() - t
-                        rec = {"s": wall, "windows_encoded": res.windows, "windows_total": res.total_windows}
+                        rec = {"s": wall, "windows_encoded": res.windows, "windows_total": res.total_windows,
+                               "plugin_python_peak_mb": tracemalloc.get_traced_memory()[1] / 2 ** 20}
+                        tracemalloc.stop()
                         out.unlink()
                     else:
                         reply = client.localize(canvas, [QUERY], windows=boxes)
@@ -135,7 +140,8 @@ def main() -> None:
                                backend_rss_before_mb=srss0 / 1024, backend_peak_mb=status_kb(spid, "VmHWM:") / 1024)
                     result[side].append(rec)
                     print(f"  pair {pair + 1} {side:13}: {wall:7.1f} s  "
-                          + (f"(server {rec['server_s']:.1f} s) " if side != "scene" else "")
+                          + (f"(server {rec['server_s']:.1f} s) " if side != "scene" else
+                             f"(numpy/Python peak {rec['plugin_python_peak_mb']:.0f} MB) ")
                           + f"windows encoded {rec['windows_encoded']}; peak RSS plugin {rec['plugin_peak_mb']:.0f} MB "
                           f"(from {rec['plugin_rss_before_mb']:.0f}), backend {rec['backend_peak_mb']:.0f} MB "
                           f"(from {rec['backend_rss_before_mb']:.0f})")
