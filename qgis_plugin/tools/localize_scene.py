@@ -16,7 +16,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from shared_protocol import ErrorCode, ProtocolError
-from shared_protocol.ops import SCORES_ARRAY, SMOOTH_WORK_KERNEL, window_boxes_problem, window_scores_problem
+from shared_protocol.ops import (SCORES_ARRAY, SMOOTH_WORK_KERNEL, WINDOWS_ARRAY, window_boxes_problem,
+                                 window_scores_problem)
 from shared_protocol.selo import (MapRenderer, SubcellGrid, add_region_counts, box_shares, cell_means,
                                   normalize_minmax, score_stats, selo_windows, smooth_block, window_edges)
 
@@ -112,10 +113,10 @@ def localize_scene(source: Any, queries: Sequence[str], sizes: Sequence[int], ke
         if problem:  # never: the windows were cut inside the block's read
             raise PluginError(f"block {k + 1}: windows {problem}")
         try:
-            reply = wire.localize(cap.pixels, cap.mask, {"queries": list(queries), **request, "windows": windows},
+            reply = wire.localize(cap.pixels, cap.mask, {"queries": list(queries), **request, WINDOWS_ARRAY: windows},
                                   part)
         except ProtocolError as exc:
-            if exc.code == ErrorCode.BAD_ARRAY and "windows" in ((exc.details or {}).get("unknown") or ()):
+            if exc.code == ErrorCode.BAD_ARRAY and WINDOWS_ARRAY in ((exc.details or {}).get("unknown") or ()):
                 raise PluginError("the backend predates whole-scene localize (no 'windows'): update it") from None
             raise
         got = reply.arrays.get(SCORES_ARRAY)
