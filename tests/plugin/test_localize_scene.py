@@ -132,3 +132,36 @@ def test_a_block_smaller_than_the_largest_window_is_raised_to_it(qgis_app, raste
     assert res.warnings[0] == proc.notes[0]
     with pytest.raises(PluginError, match="block size"):
         LocalizeParams(["q"], block_px=0)
+
+
+def test_a_backend_without_explicit_windows_gets_a_plain_error(qgis_app, raster, tmp_path):
+    from shared_protocol import ErrorCode, ProtocolError
+    path, _ = raster
+
+    class OldClient:
+        address = "old"
+
+        def localize(self, *a, **kw):
+            raise ProtocolError(ErrorCode.BAD_ARRAY, "localize: unexpected array(s) windows", unknown=["windows"])
+    proc = LocalizeProcessor(RasterBlocks(QgsRasterLayer(path, "scene")), LocalizeParams(["q"], SIZES, 0),
+                             Common(tmp_path))
+    with pytest.raises(PluginError, match="predates whole-scene localize"):
+        proc.compute(OldClient(), Feedback())
+
+
+def test_the_heatmap_is_complete_or_absent(qgis_app, tmp_path):
+    """A failure while the blocks are written leaves neither the GeoTIFF nor its temp file."""
+    from qgis_plugin.outputs import GeotiffWriter
+    path, transform = tmp_path / "h.tif", (10.0, 0.0, 0.0, 0.0, -10.0, 0.0)
+    with pytest.raises(RuntimeError):
+        with GeotiffWriter(path, 300, 200, 1, transform, _utm_wkt(), nodata=float("nan")) as out:
+            out.write(0, np.zeros((100, 300), np.float32))
+            raise RuntimeError("cancelled half-way")
+    assert list(tmp_path.iterdir()) == []
+    with GeotiffWriter(path, 300, 200, 1, transform, _utm_wkt()) as out:
+        out.write(0, np.ones((200, 150), np.float32))
+        out.write(0, np.full((200, 150), 2, np.float32), 150)
+        out.commit()
+    assert [p.name for p in tmp_path.iterdir()] == ["h.tif"]
+    arr = gdal.Open(str(path)).ReadAsArray()
+    assert (arr[:, :150] == 1).all() and (arr[:, 150:] == 2).all()
