@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from shared_protocol import ErrorCode, ProtocolError
+from shared_protocol.ops import WINDOWS_ARRAY
 
 F32 = 4
 CONTEXT_LEN = 77  # tokens per prompt
@@ -91,7 +92,7 @@ def peak_bytes(op: str, params: Mapping[str, Any], shapes: Mapping[str, Tuple[in
             return terms  # a canvas_id the server does not hold: answered not_found, nothing allocated
         sizes = [int(s) for s in params.get("window_sizes") or (256, 512, 768)]
         crop = int(params.get("crop_size") or m.image_size)
-        windows = selo_window_count(h, w, sizes)
+        windows = shapes[WINDOWS_ARRAY][0] if WINDOWS_ARRAY in shapes else selo_window_count(h, w, sizes)
         in_flight = min(windows, 2 * m.batch_size)
         terms["canvas as floats"] = h * w * c * F32
         terms["windows in flight"] = in_flight * (crop * crop * 3 * F32 * 2 + 3 * m.image_size ** 2 * F32)
@@ -99,7 +100,7 @@ def peak_bytes(op: str, params: Mapping[str, Any], shapes: Mapping[str, Tuple[in
         terms["window crops"] = max(m.window_pixel_budget, largest) * 3 * F32 * 2
         terms["window list and embeddings"] = windows * (PY_ITEM + m.embed_dim * F32)
         queries = len(params.get("queries") or [])
-        terms["heatmaps"] = queries * h * w * F32 * 3
+        terms["heatmaps"] = queries * (windows if WINDOWS_ARRAY in shapes else h * w * 3) * F32
     return terms
 
 

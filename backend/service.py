@@ -12,7 +12,7 @@ import torch
 from shared_protocol import ErrorCode, Limits, ProtocolError, Reply, Request
 from shared_protocol.defaults import MIN_VALID_SHARE
 from shared_protocol.framing import DEFAULT_LIMITS
-from shared_protocol.ops import ADAPT_METHODS, DEFAULT_MAX_CANVAS_PIXELS, SELO_MODES
+from shared_protocol.ops import ADAPT_METHODS, DEFAULT_MAX_CANVAS_PIXELS, SCORES_ARRAY, SELO_MODES, WINDOWS_ARRAY
 
 from .adapt.store import adapter_summary
 from .budget import ModelShape, check_budget
@@ -142,7 +142,7 @@ class ModelService(Service):
                 "image_dtypes": ["uint8", "uint16"],
                 "max_canvas_pixels": self.max_canvas_pixels,
                 "memory_budget_bytes": self.memory_budget,
-                "localize_outputs": ["heatmaps", "geotiff", "polygons"],
+                "localize_outputs": ["heatmaps", "geotiff", "polygons", SCORES_ARRAY],
                 "selo_modes": list(SELO_MODES),
             },
             "cache": self.engine.cache.stats(),
@@ -210,6 +210,12 @@ class ModelService(Service):
         h, w = canvas.height, canvas.width
         if canvas.pixels is None:  # a canvas named by its id: its size is known only now
             self.admit(job.request, (h, w))
+        boxes = job.request.arrays.get(WINDOWS_ARRAY)
+        if boxes is not None:  # explicit windows: their scores, no heatmap
+            scores, result = localize_task.window_scores(self.engine, canvas, boxes, params,
+                                                         lambda p, m: job.progress(0.9 * p, m))
+            job.progress(1.0, "done")
+            return Reply.ok(job.request.id, "localize", result, {SCORES_ARRAY: scores})
         out_bytes = len(params["queries"]) * h * w * 4
         if out_bytes > self.limits.max_array_bytes:
             raise ProtocolError(ErrorCode.TOO_LARGE, f"{len(params['queries'])} heatmaps of {h} x {w} need "

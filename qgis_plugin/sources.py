@@ -7,10 +7,11 @@ for the dock and for the Processing algorithms.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 from .capture import Capture, RasterSource, crs_strings, read_bands
+from .errors import PluginError
 from .masks import AreaOfInterest, valid_range
 
 PREVIEW_SIDE = 1024
@@ -40,9 +41,19 @@ class CaptureSource:
     def crs(self):
         return self.capture.qgs_crs()
 
-    def blocks(self, block_px: Optional[int] = None, margin_px: int = 0, align_px: int = 1) -> Iterator[Block]:
+    def blocks(self, block_px: Optional[int] = None) -> Iterator[Block]:
         cap = self.capture
         yield Block(0, 1, cap, (0, cap.height, 0, cap.width))
+
+    def read(self, row0: int, row1: int, col0: int, col1: int) -> Capture:
+        """Rows ``row0`` .. ``row1`` and columns ``col0`` .. ``col1`` of the capture (itself when that is all)."""
+        cap = self.capture
+        if (row0, row1, col0, col1) == (0, cap.height, 0, cap.width):
+            return cap
+        a, b, c, d, e, f = cap.transform
+        return replace(cap, pixels=cap.pixels[row0:row1, col0:col1],
+                       transform=(a, b, c + a * col0 + b * row0, d, e, f + d * col0 + e * row0),
+                       mask=None if cap.mask is None else cap.mask[row0:row1, col0:col1])
 
     def value_range(self) -> Optional[List[float]]:
         return valid_range(self.capture.pixels, self.capture.mask)
@@ -75,24 +86,27 @@ class RasterBlocks:
         cap = read_bands(self.src, self.bands, extent, resolution)
         return cap.restrict(self.aoi)
 
-    def blocks(self, block_px: int, margin_px: int = 0, align_px: int = 1) -> Iterator[Block]:
-        """Blocks of at most ``block_px`` pixels covering the whole raster, without overlap once cropped to
-        ``inner``. Each capture reaches at least ``margin_px`` beyond its block on every side (within the raster),
-        its origin snapped down to a multiple of ``align_px``, so that work near a block's edge sees the context
-        across it on the same window grid as its neighbour."""
-        from qgis.core import QgsRectangle
-        full = self.src.extent
+    def blocks(self, block_px: int) -> Iterator[Block]:
+        """Blocks of at most ``block_px`` pixels covering the whole raster, without overlap."""
         rows, cols = math.ceil(self.height / block_px), math.ceil(self.width / block_px)
         for i in range(rows):
             for j in range(cols):
                 c0, r0 = j * block_px, i * block_px
                 c1, r1 = min(self.width, c0 + block_px), min(self.height, r0 + block_px)
-                mc0, mr0 = (max(0, (v - margin_px) // align_px * align_px) for v in (c0, r0))
-                mc1, mr1 = min(self.width, c1 + margin_px), min(self.height, r1 + margin_px)
-                ext = QgsRectangle(full.xMinimum() + mc0 * self.xres, full.yMaximum() - mr1 * self.yres,
-                                   full.xMinimum() + mc1 * self.xres, full.yMaximum() - mr0 * self.yres)
-                yield Block(i * cols + j, rows * cols, self._read(ext, self.resolution),
-                            (r0 - mr0, r1 - mr0, c0 - mc0, c1 - mc0), (r0, c0))
+                yield Block(i * cols + j, rows * cols, self.read(r0, r1, c0, c1), (0, r1 - r0, 0, c1 - c0), (r0, c0))
+
+    def read(self, row0: int, row1: int, col0: int, col1: int) -> Capture:
+        """Rows ``row0`` .. ``row1`` and columns ``col0`` .. ``col1`` of the raster's grid (its mask: nodata, alpha,
+        the area of interest)."""
+        from qgis.core import QgsRectangle
+        full = self.src.extent
+        ext = QgsRectangle(full.xMinimum() + col0 * self.xres, full.yMaximum() - row1 * self.yres,
+                           full.xMinimum() + col1 * self.xres, full.yMaximum() - row0 * self.yres)
+        cap = self._read(ext, self.resolution)
+        if (cap.height, cap.width) != (row1 - row0, col1 - col0):
+            raise PluginError(f"read {cap.width} x {cap.height} pixels of the raster where {col1 - col0} x "
+                              f"{row1 - row0} were asked for")
+        return cap
 
     def value_range(self) -> Optional[List[float]]:
         """One 2nd-98th percentile range of the valid pixels of the whole raster (read at most 1024 px on a side),

@@ -35,7 +35,7 @@ from .errors import ErrorCode, ProtocolError
 from .curve import client_keypair_for, load_public_key
 from .framing import DEFAULT_LIMITS, Limits
 from .messages import PROTOCOL_VERSION, Reply, Request, decode_reply, new_request_id
-from .ops import OPS
+from .ops import OPS, WINDOWS_ARRAY
 
 ProgressCallback = Callable[[float, str], None]
 HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -328,25 +328,28 @@ class Client:
         return self.request("rank", {"texts": list(texts) if texts is not None else None, **params}, arrays, **kw)
 
     def localize(self, canvas: Optional[np.ndarray], queries: Sequence[str], **params_and_kw: Any) -> Reply:
-        """Heatmaps of ``queries`` over ``canvas``. A canvas sent before (same pixels, same server) goes as
+        """Heatmaps of ``queries`` over ``canvas`` (with ``windows=`` N x 4 boxes: those windows' scores, see
+        ``ops.WINDOWS_ARRAY``). A canvas sent before (same pixels, same server) goes as
         its ``canvas_id``, and again in full only if the server no longer holds it. ``canvas=None`` with a
         ``canvas_id`` parameter names a canvas explicitly."""
         params, kw = _split(params_and_kw)
         masks = _masks(params)
+        windows = params.pop(WINDOWS_ARRAY, None)  # explicit windows (an array): scores instead of heatmaps
+        extra = {} if windows is None else {WINDOWS_ARRAY: np.ascontiguousarray(windows, dtype=np.int32)}
         params = {"queries": list(queries), **params}
         if canvas is None:
-            return self.request("localize", params, {}, **kw)
+            return self.request("localize", params, extra, **kw)
         mask = masks.get("canvas_mask")
         digest = CANVAS_IDS.digest(canvas, mask) if self.reuse_canvas and "canvas_id" not in params else None
         known = CANVAS_IDS.get(self.address, digest) if digest else None
         if known is not None:
             try:
-                return self.request("localize", {**params, "canvas_id": known}, {}, **kw)
+                return self.request("localize", {**params, "canvas_id": known}, extra, **kw)
             except ProtocolError as exc:
                 if exc.code != ErrorCode.NOT_FOUND or exc.details.get("reason") != "canvas_unknown":
                     raise
                 CANVAS_IDS.forget(self.address, digest)
-        reply = self.request("localize", params, {"canvas": canvas, **masks}, **kw)
+        reply = self.request("localize", params, {"canvas": canvas, **masks, **extra}, **kw)
         if digest and reply.result.get("canvas_id"):
             CANVAS_IDS.put(self.address, digest, str(reply.result["canvas_id"]))
         return reply

@@ -43,6 +43,38 @@ DEFAULT_MAX_CANVAS_PIXELS = 16384 * 16384
 SMOOTH_WORK_KERNEL = 15  # a backend's default limit on height x width (see info.capabilities)
 SELO_MODES = ("fast", "reference")  # localize's selo_mode: the fast default, or the original pipeline
 
+# localize with explicit windows: the client names the windows to encode (array WINDOWS_ARRAY, N x 4 int32
+# (x0, y0, x1, y1) canvas pixels, end exclusive) and gets each window's raw score back (array SCORES_ARRAY,
+# Q x N float32, NaN for a window below min_valid, which is not encoded) instead of heatmaps; the reply's
+# result["windows"] counts the windows encoded, result["skipped"] those left out. For whole scenes: a client
+# cuts the scene's SeLo windows (shared_protocol.selo) into blocks and makes the map itself, each window
+# encoded once.
+WINDOWS_ARRAY = "windows"
+SCORES_ARRAY = "scores"
+MAX_WINDOWS = 1 << 20  # windows in one request
+WINDOWS_REFUSE = ("geotiff", "polygons")  # outputs of a heatmap: refused (when true) with explicit windows
+
+
+def window_boxes_problem(boxes, height: int, width: int) -> Optional[str]:
+    """Why ``boxes`` (the ``windows`` array) are not windows of a ``height`` x ``width`` canvas, or None."""
+    shape = tuple(getattr(boxes, "shape", ()))
+    if len(shape) != 2 or shape[1] != 4 or not 1 <= shape[0] <= MAX_WINDOWS:
+        return f"must be N x 4 (x0, y0, x1, y1) with 1 <= N <= {MAX_WINDOWS}, got shape {list(shape)}"
+    x0, y0, x1, y1 = (boxes[:, i] for i in range(4))
+    if (x0 < 0).any() or (y0 < 0).any() or (x1 > width).any() or (y1 > height).any():
+        return f"has a window outside the {width} x {height} canvas"
+    if (x1 <= x0).any() or (y1 <= y0).any():
+        return "has an empty window (x1 <= x0 or y1 <= y0)"
+    return None
+
+
+def window_scores_problem(scores, queries: int, windows: int) -> Optional[str]:
+    """Why ``scores`` (the reply's ``scores`` array) do not answer ``queries`` queries on ``windows`` windows."""
+    shape = tuple(getattr(scores, "shape", ()))
+    if shape != (queries, windows) or getattr(getattr(scores, "dtype", None), "name", "") != "float32":
+        return f"must be float32 of shape {[queries, windows]}, got {getattr(scores, 'dtype', '?')} {list(shape)}"
+    return None
+
 
 def mask_spec(image: ArraySpec) -> ArraySpec:
     """The optional ``NAME_mask`` array of an image array: uint8, its shape without the channels."""
@@ -181,7 +213,11 @@ LOCALIZE = OpSpec(
     ),
     arrays=with_masks(ArraySpec("canvas", IMAGE_DTYPES, (3,), required=False,
                                 doc="H x W x C; may be left out when canvas_id names a canvas the server holds "
-                                    "(the id covers the canvas and its mask)")),
+                                    "(the id covers the canvas and its mask)")) + (
+        ArraySpec(WINDOWS_ARRAY, ("int32",), (2,), required=False,
+                  doc="N x 4 (x0, y0, x1, y1): encode exactly these windows and reply with their raw scores "
+                      f"('{SCORES_ARRAY}', Q x N float32, NaN below min_valid) instead of heatmaps; window_sizes, "
+                      "smooth and normalize do not apply, selo_mode must be 'fast'"),),
     long_running=True,
 )
 

@@ -12,6 +12,10 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from shared_protocol import ErrorCode, ProtocolError
+from shared_protocol.selo import box_counts, box_shares, interval_counts
+
+__all__ = ["box_counts", "box_shares", "image_shares", "interval_counts", "no_valid_pixels", "skipped",
+           "valid_pixels"]
 
 
 def valid_pixels(arrays: Dict[str, np.ndarray], name: str) -> Optional[np.ndarray]:
@@ -36,35 +40,6 @@ def image_shares(valid: Optional[np.ndarray], n: int) -> np.ndarray:
 def skipped(shares: np.ndarray, min_valid: float) -> List[int]:
     """Indices whose valid share is below ``min_valid`` (sorted)."""
     return [int(i) for i in np.flatnonzero(np.asarray(shares) < min_valid)]
-
-
-def interval_counts(valid: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-    """Valid pixels in each cell of the grid whose edges are ``ys`` x ``xs`` (strictly increasing, from 0 to
-    the mask's height / width): an (len(ys) - 1) x (len(xs) - 1) int64 array."""
-    cols = np.add.reduceat(valid.view(np.uint8), np.asarray(xs[:-1], dtype=np.intp), axis=1, dtype=np.int32)
-    return np.add.reduceat(cols, np.asarray(ys[:-1], dtype=np.intp), axis=0, dtype=np.int64)
-
-
-def box_counts(valid: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """Valid pixels in each ``(x0, y0, x1, y1)`` box (end exclusive) of an H x W mask."""
-    if not len(boxes):
-        return np.zeros(0, dtype=np.int64)
-    h, w = valid.shape
-    xs = np.unique(np.concatenate([boxes[:, [0, 2]].ravel(), [0, w]]))
-    ys = np.unique(np.concatenate([boxes[:, [1, 3]].ravel(), [0, h]]))
-    table = np.zeros((len(ys), len(xs)), dtype=np.int64)  # summed-area table of the cells
-    table[1:, 1:] = interval_counts(valid, ys, xs).cumsum(axis=0).cumsum(axis=1)
-    x0, x1 = np.searchsorted(xs, boxes[:, 0]), np.searchsorted(xs, boxes[:, 2])
-    y0, y1 = np.searchsorted(ys, boxes[:, 1]), np.searchsorted(ys, boxes[:, 3])
-    return table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
-
-
-def box_shares(valid: Optional[np.ndarray], boxes: np.ndarray) -> np.ndarray:
-    """The valid share of each box over a canvas (all 1 when ``valid`` is None)."""
-    if valid is None:
-        return np.ones(len(boxes))
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    return box_counts(valid, boxes) / np.maximum(area, 1)
 
 
 def no_valid_pixels(what: str) -> ProtocolError:

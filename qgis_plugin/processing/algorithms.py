@@ -27,7 +27,6 @@ from ..connection import make_client
 from ..errors import PluginError, plain_message
 from ..layers import set_provenance, style_classification, style_heatmap, style_ranking
 from ..masks import AreaOfInterest
-from ..outputs import write_geotiff
 from ..settings import Settings
 from ..sources import RasterBlocks
 from ..tools import classify, localize, search
@@ -270,16 +269,17 @@ class LocalizeRasterAlgorithm(_Base):
         return _tr("Localize text query (heatmap)")
 
     def shortHelpString(self) -> str:  # noqa: N802
-        return _tr("Semantic localization over the whole raster: blocks of the raster are sent to the backend, "
-                   "their raw similarity maps are stitched and normalised to 0-1 over the valid pixels of the whole "
-                   "raster; nodata, transparent pixels and pixels outside the area of interest are NaN (nodata). "
+        return _tr("Semantic localization over the whole raster, as one canvas: the raster's SeLo windows are sent "
+                   "block by block to the backend, each window encoded once; their scores make the map (mean per "
+                   "pixel, min-max over the valid pixels, median smoothing), written block by block; nodata, "
+                   "transparent pixels and pixels outside the area of interest are NaN (nodata). "
                    "SeLo mode 'reference' runs the original pipeline (OpenCV resize, JPEG round trip, 8-bit map, "
                    "251 px median) on the whole raster as one canvas, for numbers comparable with the papers'.")
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self._common_params()
         self.addParameter(QgsProcessingParameterString(self.QUERY, _tr("Text query")))
-        self._advanced(QgsProcessingParameterNumber(self.BLOCK_SIZE, _tr("Block size (pixels per request)"),
+        self._advanced(QgsProcessingParameterNumber(self.BLOCK_SIZE, _tr("Block size (px; >= the largest window)"),
                                                     QgsProcessingParameterNumber.Integer, localize.DEFAULT_BLOCK,
                                                     minValue=64))
         self._advanced(QgsProcessingParameterEnum(self.SELO_MODE, _tr("SeLo mode"), list(SELO_MODES),
@@ -296,8 +296,7 @@ class LocalizeRasterAlgorithm(_Base):
         dest = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
         with make_client(settings) as client:
             res = localize.LocalizeProcessor(source, params, common).compute(client, fb)
-        write_geotiff(Path(dest), res.heatmaps[0], res.transform, res.crs_wkt, [f"heatmap: {params.queries[0]}"],
-                      localize.NODATA, res.provenance[0])
+            res.write([Path(dest)], fb)
         _Style.on_load(context, dest, lambda layer: set_provenance(style_heatmap(layer, settings.heatmap_opacity),
                                                                    res.provenance[0]))
         self._report(feedback, res.warnings, f"heatmap of {source.width} x {source.height} px")

@@ -1,10 +1,11 @@
 """Localize: semantic localization (SeLo) heatmaps of text queries -> float32 GeoTIFFs, NaN = no data.
 
-The backend returns raw scores (``normalize=false``) per block; blocks are read with a margin of the largest
-window plus the median kernel, from an origin on the common grid of the window strides and smoothing blocks,
-so the stitched map equals one whole-source request without seams. Pixels invalid in the mask (nodata,
-transparent, outside the footprint or the area of interest) and pixels no kept window covered are NaN; the
-maps are then min-max normalised to 0-1 over the valid pixels only.
+The fast mode (the default) makes the backend's fast-mode map of the whole source as one canvas, block by
+block (:mod:`localize_scene`): each of the source's SeLo windows is encoded once, in the block that holds its
+top-left corner, and the map is made from their scores by the backend's own code (``shared_protocol.selo``)
+and written a block at a time, so memory follows the block size, not the source. Pixels invalid in
+the mask (nodata, transparent, outside the footprint or the area of interest) and pixels no kept window
+covers are NaN; the min-max normalisation uses the valid pixels only.
 
 ``selo_mode="reference"`` runs the original SeLo pipeline (the backend's reference mode) on the whole source
 as one canvas: one min-max over the image, as the original, so no blocks; the original has no notion of
@@ -12,21 +13,20 @@ nodata, so it scores every pixel and the invalid ones are blanked (NaN) afterwar
 """
 from __future__ import annotations
 
-import math
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from shared_protocol import ErrorCode, ProtocolError
 from shared_protocol.defaults import DEFAULT_SMOOTH, DEFAULT_WINDOW_SIZES, MIN_VALID_SHARE
-from shared_protocol.ops import SELO_MODES, SMOOTH_WORK_KERNEL
+from shared_protocol.ops import SELO_MODES
 
 from ..errors import PluginError
-from ..masks import valid_share
-from ..outputs import slug, unique_path, write_geotiff, write_mask_polygons_gpkg
+from ..outputs import GeotiffWriter, slug, unique_path, write_mask_polygons_gpkg
 from .base import Common, Feedback, LayerSpec, Outcome, Wire, provenance, warnings_of, where_of
+from .localize_scene import SceneMap, localize_scene
 
 NODATA = float("nan")
 DEFAULT_BLOCK = 2048
@@ -51,7 +51,7 @@ class LocalizeParams:
     queries: Sequence[str]
     window_sizes: Optional[Sequence[int]] = None  # None: SeLo's, scaled to the block
     smooth: Optional[int] = None  # None: SeLo's, scaled to the block
-    block_px: int = DEFAULT_BLOCK  # whole-raster sources: pixels per request on a side
+    block_px: int = DEFAULT_BLOCK  # pixels per request on a side (at least the largest window)
     min_valid: float = MIN_VALID_SHARE
     selo_mode: str = "fast"  # "reference": the original pipeline, the whole source as one canvas
 
@@ -59,13 +59,18 @@ class LocalizeParams:
         self.queries = [q.strip() for q in self.queries if q.strip()]
         if not self.queries:
             raise PluginError("type a query to localize")
+        if int(self.block_px) < 1:
+            raise PluginError(f"the block size must be a positive number of pixels, not {self.block_px}")
         if self.selo_mode not in SELO_MODES:
             raise PluginError(f"selo_mode must be one of {', '.join(SELO_MODES)}, not {self.selo_mode!r}")
 
 
 @dataclass
 class LocalizeResult:
-    heatmaps: np.ndarray  # Q x H x W float32, 0-1, NaN = no data
+    """The maps, made a block at a time (:meth:`blocks`), and what to say about them."""
+
+    height: int
+    width: int
     transform: Sequence[float]
     crs_wkt: str
     stats: List[Dict[str, Any]] = field(default_factory=list)
@@ -73,79 +78,72 @@ class LocalizeResult:
     warnings: List[str] = field(default_factory=list)
     result: Dict[str, Any] = field(default_factory=dict)
     provenance: List[Dict[str, Any]] = field(default_factory=list)  # one per query
+    scene: Optional[SceneMap] = None  # the fast mode's maps
+    heatmaps: Optional[np.ndarray] = None  # reference mode: Q x H x W float32, 0-1, NaN = no data
+    total_windows: int = 0  # the source's SeLo windows (fast mode)
+    sent_windows: int = 0  # sent to the backend, each once (fast mode)
+
+    def blocks(self) -> Iterator[Tuple[int, int, np.ndarray]]:
+        """(first row, first column, Q x rows x columns float32) covering the map."""
+        if self.scene is not None:
+            yield from self.scene.blocks()
+        else:
+            yield 0, 0, self.heatmaps
+
+    def write(self, paths: Sequence[Optional[Path]], fb: Optional[Feedback] = None) -> None:
+        """Query ``q``'s map to ``paths[q]`` (None: not written), each a GeoTIFF written block by block, complete
+        or absent."""
+        with ExitStack() as stack:
+            outs = {q: stack.enter_context(GeotiffWriter(path, self.width, self.height, 1, self.transform, self.crs_wkt,
+                                                       [f"heatmap: {self.provenance[q]['query']}"], NODATA,
+                                                       self.provenance[q]))
+                    for q, path in enumerate(paths) if path is not None}
+            for row0, col0, maps in self.blocks():
+                if fb is not None:
+                    fb.check()
+                    fb.progress(0.9 + 0.1 * row0 / self.height, "writing the heatmaps")
+                for q, out in outs.items():
+                    out.write(row0, maps[q], col0)
+            for out in outs.values():
+                out.commit()
 
 
 class LocalizeProcessor:
     def __init__(self, source: Any, params: LocalizeParams, common: Common):
         self.source, self.params, self.common = source, params, common
-        if params.selo_mode == "reference":  # one canvas: the original normalises over the whole image
-            params.block_px = max(source.height, source.width)
-        h, w = min(params.block_px, source.height), min(params.block_px, source.width)
+        h, w = source.height, source.width  # the source is one canvas, whatever the blocks
         self.window_sizes = list(params.window_sizes) if params.window_sizes else auto_window_sizes(h, w)
         self.smooth = auto_smooth(h, w) if params.smooth is None else int(params.smooth)
         self.title = "localize: " + "; ".join(params.queries)
+        largest = max(min(int(s), max(h, w)) for s in self.window_sizes)
+        self.block_px = max(int(params.block_px), largest)
+        self.notes = [] if self.block_px == params.block_px else [
+            f"blocks of {params.block_px} px are smaller than the largest window ({largest} px): blocks of "
+            f"{self.block_px} px were used"]
 
     def compute(self, client: Any, fb: Feedback) -> LocalizeResult:
         if self.params.selo_mode == "reference":
             return self._compute_reference(client, fb)
         p, src = self.params, self.source
         wire = Wire(client, fb, p.min_valid)
-        align = math.lcm(*[max(1, s // 2) for s in self.window_sizes], *self.window_sizes,
-                         max(1, self.smooth // SMOOTH_WORK_KERNEL))
-        margin = max(self.window_sizes) + self.smooth
-        heat = np.full((len(p.queries), src.height, src.width), np.nan, np.float32)
-        value_range = src.value_range()
-        result: Dict[str, Any] = {}
-        windows = 0
-        for blk in src.blocks(p.block_px, margin, align):
-            fb.check()
-            cap, (r0, r1, c0, c1), (gr, gc) = blk.capture, blk.inner, blk.origin
-            span = (0.95 * blk.index / blk.count, 0.95 * (blk.index + 1) / blk.count)
-            if valid_share(cap.mask) == 0.0:
-                fb.progress(span[1])
-                continue
-            params = {"queries": list(p.queries), "window_sizes": self.window_sizes, "smooth": self.smooth,
-                      "normalize": False, "value_range": value_range, "adapter": self.common.adapter}
-            try:
-                reply = wire.localize(cap.pixels, cap.mask, params, span)
-            except ProtocolError as exc:
-                if exc.code == ErrorCode.BAD_PARAMS and (exc.details or {}).get("reason") == "no_valid_pixels":
-                    continue  # nothing in this block has enough valid pixels for a window
-                raise
-            maps = np.array(reply.arrays["heatmaps"], dtype=np.float32)
-            if maps.shape[1:] != (cap.height, cap.width):
-                raise PluginError(f"the backend sent heatmaps of {maps.shape[2]} x {maps.shape[1]} for a "
-                                  f"{cap.width} x {cap.height} canvas")
-            maps[:, ~cap.valid()] = np.nan  # a backend without masks scores nodata too
-            heat[:, gr:gr + r1 - r0, gc:gc + c1 - c0] = maps[:, r0:r1, c0:c1]
-            result = reply.result
-            windows += int(reply.result.get("windows", 0) or 0)
-        stats = []
-        for q, query in enumerate(p.queries):
-            h = heat[q]
-            ok = np.isfinite(h)
-            if not ok.any():
-                raise PluginError("no valid pixels to localize in: the area is nodata, transparent or outside the "
-                                  "raster or the area of interest")
-            lo, hi = float(h[ok].min()), float(h[ok].max())
-            stats.append({"query": query, "min": lo, "max": hi, "mean": float(h[ok].mean()),
-                          "valid_share": float(ok.mean())})
-            h[ok] = (h[ok] - lo) / (hi - lo) if hi > lo else 0.0
+        request = {"value_range": src.value_range(), "adapter": self.common.adapter}
+        scene = localize_scene(src, p.queries, self.window_sizes, self.smooth, self.block_px, wire, fb, request)
         tiling = f"SeLo windows {', '.join(map(str, self.window_sizes))} px, median {self.smooth} px"
-        if src.height > p.block_px or src.width > p.block_px:
-            tiling += f", blocks of {p.block_px} px"
-        prov = [provenance(src, self.common, result, q, tiling) for q in p.queries]
-        return LocalizeResult(heat, src.transform, src.crs_wkt, stats, windows, wire.warnings + warnings_of(result),
-                              result, prov)
+        if src.height > self.block_px or src.width > self.block_px:
+            tiling += f", blocks of {self.block_px} px"
+        prov = [provenance(src, self.common, scene.result, q, tiling) for q in p.queries]
+        return LocalizeResult(src.height, src.width, src.transform, src.crs_wkt, scene.stats, scene.windows,
+                              self.notes + wire.warnings + warnings_of(scene.result), scene.result, prov,
+                              scene=scene.maps, total_windows=scene.total, sent_windows=scene.sent)
 
     def _compute_reference(self, client: Any, fb: Feedback) -> LocalizeResult:
         """The backend's reference mode on the whole source: the 8-bit map / 255 as it comes, invalid pixels
         blanked afterwards (the original pipeline scores them)."""
         p, src = self.params, self.source
-        cap = next(iter(src.blocks(p.block_px, 0, 1))).capture
+        cap = src.read(0, src.height, 0, src.width)
         params = {"queries": list(p.queries), "window_sizes": self.window_sizes, "smooth": self.smooth,
                   "selo_mode": "reference", "value_range": src.value_range(), "adapter": self.common.adapter}
-        reply = Wire(client, fb, p.min_valid).localize(cap.pixels, None, params, (0.0, 0.95))
+        reply = Wire(client, fb, p.min_valid).localize(cap.pixels, None, params, (0.0, 0.9))
         heat = np.array(reply.arrays["heatmaps"], dtype=np.float32)
         valid = cap.valid()
         warnings = warnings_of(reply.result)
@@ -160,23 +158,20 @@ class LocalizeProcessor:
         tiling = (f"SeLo reference mode, windows {', '.join(map(str, self.window_sizes))} px, "
                   f"median {self.smooth} px")
         prov = [provenance(src, self.common, reply.result, q, tiling) for q in p.queries]
-        return LocalizeResult(heat, src.transform, src.crs_wkt, stats, int(reply.result.get("windows", 0) or 0),
-                              warnings, reply.result, prov)
+        return LocalizeResult(src.height, src.width, src.transform, src.crs_wkt, stats,
+                              int(reply.result.get("windows", 0) or 0), warnings, reply.result, prov, heatmaps=heat)
 
     def run(self, client: Any, fb: Feedback) -> Outcome:
         res = self.compute(client, fb)
-        specs = []
-        for q, query in enumerate(self.params.queries):
-            fb.check()
-            path = unique_path(Path(self.common.out_dir), f"heatmap_{slug(query)}", ".tif", self.common.taken)
-            write_geotiff(path, res.heatmaps[q], res.transform, res.crs_wkt, [f"heatmap: {query}"], NODATA,
-                          res.provenance[q])
-            specs.append(LayerSpec("heatmap", str(path), f"heatmap: {query}", provenance=res.provenance[q]))
+        paths = [unique_path(Path(self.common.out_dir), f"heatmap_{slug(query)}", ".tif", self.common.taken)
+                 for query in self.params.queries]
+        res.write(paths, fb)
+        specs = [LayerSpec("heatmap", str(path), f"heatmap: {query}", provenance=res.provenance[q])
+                 for q, (query, path) in enumerate(zip(self.params.queries, paths, strict=True))]
         fb.progress(1.0, "done")
-        h, w = res.heatmaps.shape[1:]
         valid = res.stats[0]["valid_share"] if res.stats else 1.0
         return Outcome(self.title, specs, res.stats,
-                       f"{len(specs)} heatmap(s) of {w} x {h} px from {res.windows or '?'} windows"
+                       f"{len(specs)} heatmap(s) of {res.width} x {res.height} px from {res.windows or '?'} windows"
                        + (f"; {100 * valid:.0f} % of the pixels valid" if valid < 1 else ""), res.warnings,
                        res.result, where_of(self.source))
 

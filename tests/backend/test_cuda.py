@@ -7,8 +7,7 @@ from backend.engine import Engine, EngineConfig
 from backend.models import load_model
 from backend.models.preprocess import preprocess_batch
 from backend.tasks.classify import classify
-from backend.tasks.localize import localize, render
-from backend.tasks.windows import cell_means, selo_windows
+from backend.tasks.localize import localize
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")]
@@ -34,14 +33,3 @@ def test_cuda_matches_cpu():
     ha, _ = localize(e_cpu, canvas, lp, lambda p, m: None)
     hb, _ = localize(e_gpu, canvas, lp, lambda p, m: None)
     assert np.corrcoef(ha.ravel(), hb.ravel())[0, 1] > 0.98
-
-
-@pytest.mark.parametrize("kernel", [0, 29, 251])
-def test_heatmap_rendering_on_the_gpu_equals_the_cpu(kernel):
-    rng = np.random.default_rng(1)
-    h, w = 1000, 1300
-    boxes = np.concatenate([selo_windows(h, w, s) for s in (256, 512, 768)])
-    cells, ys, xs = cell_means(boxes, rng.random((len(boxes), 2)), h, w)
-    a = render(cells, ys, xs, h, w, kernel, torch.device("cpu"))
-    b = render(cells, ys, xs, h, w, kernel, torch.device("cuda"))
-    np.testing.assert_allclose(a, b, atol=1e-5)

@@ -11,7 +11,8 @@ from PIL import Image
 from backend.engine import Engine, EngineConfig
 from backend.server import Job
 from backend.service import ModelService
-from backend.tasks.localize import block_kernel, localize, normalize_minmax, render, run_median, smooth_block
+from backend.tasks.localize import localize
+from shared_protocol.selo import block_kernel, normalize_minmax, render, run_median, smooth_block
 from backend.tasks.windows import cell_means, mean_over_windows, selo_windows
 from shared_protocol import ErrorCode, ProtocolError, Request
 
@@ -84,9 +85,9 @@ def test_normalise_and_smooth():
     spike = np.zeros((200, 200), np.float32)
     spike[100, 100] = 1
     spike[20:180, 20:180] += 0.5
-    out = render(*_pixels_as_cells(spike), 200, 200, 29, torch.device("cpu"))[0]  # median over pixels
+    out = render(*_pixels_as_cells(spike), 200, 200, 29)[0]  # median over pixels
     assert out.shape == spike.shape and out[100, 100] == 0.5 and out[5, 5] == 0.0  # spike gone, block kept
-    big = render(*_pixels_as_cells(spike), 200, 200, 251, torch.device("cpu"))[0]  # on 16-px block means
+    big = render(*_pixels_as_cells(spike), 200, 200, 251)[0]  # on 16-px block means
     assert big.shape == spike.shape and np.isfinite(big).all() and big[100, 100] < 0.6
 
 
@@ -96,7 +97,7 @@ def test_run_median_equals_scipy_on_the_full_map(rng, size):
     rows, cols = rng.integers(1, 9, 12), np.array([1, 1, 5, 2, 13, 1, 40, 3])  # runs as short as one pixel
     values = rng.random((2, len(rows), len(cols))).astype(np.float32)
     values[:, 3] = values[:, 2]  # equal values in neighbouring runs (ties)
-    got = run_median(torch.from_numpy(values), rows, cols, size, max_elements=2000).numpy()  # in chunks
+    got = run_median(values, rows, cols, size, max_elements=2000)  # in chunks
     full = np.repeat(np.repeat(values, rows, axis=1), cols, axis=2)
     assert got.shape == full.shape
     for q in range(2):
@@ -124,7 +125,7 @@ def test_rendering_from_cells_equals_smoothing_the_pixels(rng, kernel):
     boxes = np.concatenate([selo_windows(h, w, 40), selo_windows(h, w, 96)])
     scores = rng.random((len(boxes), 2))
     cells, ys, xs = cell_means(boxes, scores, h, w)
-    got = render(cells, ys, xs, h, w, kernel, torch.device("cpu"))
+    got = render(cells, ys, xs, h, w, kernel)
     pixels = mean_over_windows(boxes, scores, h, w)
     assert got.shape == (2, h, w) and got.dtype == np.float32 and got.flags.c_contiguous  # sent without a copy
     for q in range(2):

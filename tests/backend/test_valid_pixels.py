@@ -14,7 +14,8 @@ from scipy import ndimage
 from backend.models.preprocess import value_scale
 from backend.service import ModelService, uniform_image_warnings
 from backend.tasks.classify import classify
-from backend.tasks.localize import block_kernel, localize, nan_median, render, smooth_block, valid_median
+from backend.tasks.localize import localize
+from shared_protocol.selo import block_kernel, nan_median, render, smooth_block, valid_median
 from backend.tasks.masks import box_counts, interval_counts, valid_pixels
 from backend.tasks.rank import embed, rank
 from backend.tasks.windows import cell_means, cells_to_pixels, mean_over_windows, selo_windows
@@ -242,7 +243,7 @@ def test_nan_median_ignores_nan(rng):
     values[:, 5:9, 3:20] = np.nan
     values[:, :, 25:] = np.nan
     for size in (1, 3, 7):
-        got = nan_median(torch.from_numpy(values), size, max_elements=3000).numpy()
+        got = nan_median(values, size, max_elements=3000)
         for q in range(2):
             ref = ndimage.generic_filter(values[q], _lower_nanmedian, size=size, mode="nearest")
             np.testing.assert_array_equal(got[q], ref.astype(np.float32))
@@ -256,10 +257,10 @@ def test_valid_median_equals_nan_median_of_the_pixels(rng, size):
     cells, ys, xs = cell_means(boxes, rng.random((len(boxes), 2)), h, w)
     valid = rng.random((h, w)) < 0.7
     valid[:, :9] = False
-    got = valid_median(cells, ys, xs, valid, size, torch.device("cpu"), max_elements=500).numpy()  # in chunks
+    got = valid_median(cells, ys, xs, valid, size, max_elements=500)  # in chunks
     pixels = cells_to_pixels(cells, ys, xs, h, w)
     pixels[:, ~valid] = np.nan
-    ref = nan_median(torch.from_numpy(pixels), size).numpy()
+    ref = nan_median(pixels, size)
     ok = valid & ~np.isnan(pixels[0])
     np.testing.assert_array_equal(got[:, ok], ref[:, ok])
 
@@ -304,7 +305,7 @@ def test_rendering_with_a_mask_equals_nan_aware_smoothing_of_the_pixels(rng, ker
     valid[60:90, 30:200] = False
     valid[rng.random((h, w)) < 0.05] = False  # scattered invalid pixels: not aligned with any cell
     cells, ys, xs = cell_means(boxes, scores, h, w)
-    got = render(cells, ys, xs, h, w, kernel, torch.device("cpu"), valid)
+    got = render(cells, ys, xs, h, w, kernel, valid)
     pixels = mean_over_windows(boxes, scores, h, w)
     bad = ~valid | np.isnan(pixels[0])
     assert bad.sum() > (~valid).sum()  # some valid pixels are uncovered
@@ -317,7 +318,7 @@ def test_rendering_with_a_mask_equals_nan_aware_smoothing_of_the_pixels(rng, ker
     wild = cells.copy()
     wild[:, interval_counts(valid, ys, xs) == 0] = 1000.0
     assert (wild == 1000).any()
-    np.testing.assert_array_equal(render(wild, ys, xs, h, w, kernel, torch.device("cpu"), valid), got)
+    np.testing.assert_array_equal(render(wild, ys, xs, h, w, kernel, valid), got)
 
 
 def test_all_valid_mask_and_alpha_in_localize(engine, rng):

@@ -115,7 +115,7 @@ def test_localize_round_trip_is_georeferenced(qgis_app, project, tmp_path, live_
         valid = cap.valid()
         assert np.isnan(ds.GetRasterBand(1).GetNoDataValue())  # NaN = no data, drawn transparent
         assert np.isnan(arr[~valid]).all() and np.isfinite(arr[valid]).all()
-        assert arr.dtype == np.float32 and np.nanmin(arr) == 0 and np.nanmax(arr) == 1
+        assert arr.dtype == np.float32 and 0 <= np.nanmin(arr) < np.nanmax(arr) <= 1  # normalised, then smoothed
         # QGIS knows the nodata and draws nothing there
         assert heat.dataProvider().sourceHasNoDataValue(1) and np.isnan(heat.dataProvider().sourceNoDataValue(1))
         drawn = C.render_extent([heat], heat.extent(), heat.crs(), cap.transform[0]).valid()
@@ -142,7 +142,7 @@ def test_asking_again_over_the_same_view_sends_no_canvas(qgis_app, tmp_path, liv
     b = run(localize(second, ["forest"], tmp_path), live_backend)
     # two tasks, two clients: the second sent the canvas's id only (the canvas goes with its mask, RGB.byte.tif's
     # nodata collar, to a backend that takes masks)
-    assert sent in ([["canvas"], []], [["canvas", "canvas_mask"], []])
+    assert sent in ([["canvas", "windows"], ["windows"]], [["canvas", "canvas_mask", "windows"], ["windows"]])
     for outcome in (a, b):
         ds = gdal.Open(outcome.layers[0].path)
         assert (ds.RasterXSize, ds.RasterYSize) == (first.width, first.height)
