@@ -8,6 +8,7 @@ the bytes), removes the rows of a file that changed, and resumes a partly indexe
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -22,6 +23,7 @@ import pyarrow as pa
 from ..engine import Engine
 from .identity import model_identity
 from .layout import IndexStore, WindowSettings, windows_schema
+from .query import hit_fields
 from .rasters import RasterInfo, WindowBatch, file_hash, footprints, open_raster, read_windows, window_boxes, window_ids
 
 log = logging.getLogger("backend.index")
@@ -103,6 +105,10 @@ def rows_table(plan: RasterPlan, index: np.ndarray, valid: np.ndarray, feats: np
         "valid": np.asarray(valid, np.float32), "date": [info.date] * n,
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(feats, np.float32).ravel()), dim),
     }
+    names = ("id", "raster", "col", "row", "width", "height", "size", "crs", "minx", "miny", "maxx", "maxy", "lon_min",
+             "lat_min", "lon_max", "lat_max", "wkt", "valid", "date")
+    values = [c.tolist() if isinstance(c, np.ndarray) else list(c) for c in (cols[k] for k in names)]
+    cols["hit"] = [json.dumps(hit_fields(dict(zip(names, r, strict=True)))) for r in zip(*values, strict=True)]
     return pa.table(cols, schema=windows_schema(dim))
 
 

@@ -32,13 +32,14 @@ from .errors import (INDEX_BUSY, INDEX_HALF_WRITTEN, INDEX_MISSING, INDEX_OTHER_
 
 log = logging.getLogger("backend.index")
 FORMAT = "mapquery-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the 'hit' column
 MANIFEST = "index.json"
 LOCK = ".lock"
 WINDOWS, RASTERS = "windows", "rasters"
-ANN_MIN_ROWS = 65_536  # below: exact (flat) search; from here: an IVF index with an exact re-ranking (refine)
-ANN_NPROBES = 32
-ANN_REFINE = 10
+ANN_MIN_ROWS = 65_536  # below: exact (flat) search; from here: an IVF-SQ index
+ANN_NPROBES = 8
+ANN_REFINE = 2  # re-rank 2k candidates on their full vectors: exact scores, for ~1 ms (bench/RESULTS.md)
+ANN_REBUILD_SHARE = 0.1  # rebuild the ANN index when more than this share of the rows is not in it
 KEEP_VERSIONS = dt.timedelta(minutes=10)
 for _var in ("LANCE_LOG", "LANCEDB_LOG"):  # lance's Rust log ('No existing dataset ... will be created')
     os.environ.setdefault(_var, "error")
@@ -100,6 +101,9 @@ def windows_schema(dim: int) -> pa.Schema:
         pa.field("wkt", pa.string()),  # the same polygon, WKT
         pa.field("valid", pa.float32()),  # share of valid pixels
         pa.field("date", pa.string()),  # the raster's date (TIFFTAG_DATETIME, else the file's mtime), ISO
+        # the search hit (query.hit_fields) as JSON: a search reads this one column of its k rows, where the
+        # 19 columns above cost a random read each (~55 ms for 100 hits at 1M rows, bench/RESULTS.md)
+        pa.field("hit", pa.string()),
         pa.field("vector", pa.list_(pa.float32(), dim)),  # L2-normalised embedding
     ])
 
@@ -318,27 +322,44 @@ class IndexStore:
     def mark_complete(self, record: Dict[str, Any]) -> None:
         self.rasters.add(pa.Table.from_pylist([record], schema=RASTERS_SCHEMA))
 
+    def unindexed_rows(self) -> int:
+        """Rows the ANN index does not hold yet (searched exactly, beside the index); 0 without an index."""
+        if not self.has_ann():
+            return 0
+        name = next(i.name for i in self.windows.list_indices() if "vector" in list(getattr(i, "columns", [])))
+        return int(self.windows.index_stats(name).num_unindexed_rows)
+
     def finish(self) -> Dict[str, Any]:
-        """After a build: compact the small commits, and build (or update) the ANN index on a large table."""
+        """After a build: compact the small commits, drop versions older than a few minutes (a reader opens
+        the latest version for each request), and build the ANN index on a large table, again once the rows it
+        does not hold pass ``ANN_REBUILD_SHARE`` (those are searched exactly until then).
+
+        Not ``optimize()``: on a table with an IVF index, its index step re-partitions the index into a
+        handful of huge partitions (Lance 14: 387 -> 5 on 150,000 rows), so every search scans most rows
+        (bench/RESULTS.md)."""
+        import warnings
         n = self.row_count()
         info: Dict[str, Any] = {"rows": n, "ann": False}
         if n == 0:
             return info
-        if n >= ANN_MIN_ROWS and not self.has_ann():
+        for table in (self.windows, self.rasters):
+            table.compact_files()
+            with warnings.catch_warnings():  # deprecated in favour of optimize(), which we must not call
+                warnings.simplefilter("ignore")
+                table.cleanup_old_versions(KEEP_VERSIONS)
+        if n >= ANN_MIN_ROWS and (not self.has_ann() or self.unindexed_rows() > ANN_REBUILD_SHARE * n):
             create_ann(self.windows, n, self.manifest.dim)
-        # compacts the small commits and indexes new rows; versions older than a few minutes go (a reader
-        # opens the latest version for each request)
-        self.windows.optimize(cleanup_older_than=KEEP_VERSIONS)
-        self.rasters.optimize(cleanup_older_than=KEEP_VERSIONS)
         info["ann"] = self.has_ann()
+        info["unindexed"] = self.unindexed_rows()
         return info
 
 
 def create_ann(table: Any, rows: int, dim: int, kind: str = "IVF_SQ") -> None:
     """An IVF index over ``vector`` (dot product, ~sqrt(rows) partitions): ``IVF_SQ`` (8-bit scalar
     quantisation, the default) or ``IVF_PQ`` (8-d sub-vectors, 8 bits each); searches probe ``ANN_NPROBES``
-    partitions and re-rank ``ANN_REFINE`` x k candidates exactly. IVF-PQ's codebook training cost 62 s of CPU
-    for 20,000 rows on the 2-core development machine against 2.5 s for IVF-SQ (bench/RESULTS.md)."""
+    partitions and, when ``ANN_REFINE`` is set, re-rank that many x k candidates exactly. IVF-PQ's codebook
+    training cost 62 s of CPU for 20,000 rows on the 2-core development machine against 2.5 s for IVF-SQ
+    (bench/RESULTS.md)."""
     from lancedb.index import IvfPq, IvfSq
     partitions = max(16, int(round(math.sqrt(rows))))
     if kind == "IVF_PQ":

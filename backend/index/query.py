@@ -23,8 +23,7 @@ from ..models.preprocess import value_scale
 from .errors import EXAMPLES_OUTSIDE, NO_QUERY, bad, index_error
 from .layout import IndexStore, sql_str
 
-RESULT_COLUMNS = ["id", "raster", "col", "row", "width", "height", "size", "crs", "minx", "miny", "maxx", "maxy",
-                  "lon_min", "lat_min", "lon_max", "lat_max", "wkt", "date", "valid"]
+RESULT_COLUMNS = ["hit"]  # what a search reads of each hit: one column (see layout.windows_schema)
 SURFACE_MAX_SIZE = 4096  # the long side of a score surface, in pixels (coarser than the raster beyond it)
 
 
@@ -181,12 +180,18 @@ def extent_where(extent: Optional[Sequence[float]], crs: Optional[str]) -> Optio
     return f"lon_max >= {x0!r} AND lon_min <= {x1!r} AND lat_max >= {y0!r} AND lat_min <= {y1!r}"
 
 
-def result_row(r: Dict[str, Any]) -> Dict[str, Any]:
-    """A search hit as the protocol and the CLI give it."""
+def hit_fields(r: Dict[str, Any]) -> Dict[str, Any]:
+    """A window's row (its columns by name) as a search hit gives it, less the score: stored once per row in
+    the ``hit`` column at build time."""
     return {"id": r["id"], "raster": r["raster"], "window": [r["col"], r["row"], r["width"], r["height"]],
-            "size": r["size"], "score": float(r["score"]), "date": r["date"], "valid": round(float(r["valid"]), 4),
+            "size": r["size"], "date": r["date"], "valid": round(float(r["valid"]), 4),
             "footprint": {"crs": r["crs"], "bounds": [r["minx"], r["miny"], r["maxx"], r["maxy"]],
                           "bounds_4326": [r["lon_min"], r["lat_min"], r["lon_max"], r["lat_max"]], "wkt": r["wkt"]}}
+
+
+def result_row(r: Dict[str, Any]) -> Dict[str, Any]:
+    """A search hit as the protocol and the CLI give it: the stored ``hit`` and the score."""
+    return {**json.loads(r["hit"]), "score": float(r["score"])}
 
 
 def search(store: IndexStore, vector: np.ndarray, top_k: int, where: Optional[str] = None,
@@ -194,9 +199,9 @@ def search(store: IndexStore, vector: np.ndarray, top_k: int, where: Optional[st
     """The ``top_k`` best windows (among ``where``, without the ids in ``exclude``), best first."""
     drop = set(exclude)
     table = store.search(vector, top_k + len(drop), where, RESULT_COLUMNS)
-    rows = [r for r in table.to_pylist() if r["id"] not in drop]
+    rows = [r for r in map(result_row, table.to_pylist()) if r["id"] not in drop]
     rows.sort(key=lambda r: -r["score"])
-    return [result_row(r) for r in rows[:top_k]]
+    return rows[:top_k]
 
 
 @dataclass

@@ -287,6 +287,7 @@ def test_bad_index_folders_and_queries(tmp_path, eng, ckpt):
 def test_large_tables_get_an_ivf_index_and_search_it_like_exact(tmp_path, eng, monkeypatch):
     from backend.index import layout
     monkeypatch.setattr(layout, "ANN_MIN_ROWS", 100)
+    monkeypatch.setattr(layout, "ANN_NPROBES", 16)  # every one of the (at least 16) partitions
     a = write_raster(tmp_path / "a.tif", height=300, width=320, seed=15, blank_rows=0)
     rep = build_index(eng, tmp_path / "i", [str(a)], WindowSettings((32,), CROP, 0.5))
     store = IndexStore.open(tmp_path / "i")
@@ -295,6 +296,32 @@ def test_large_tables_get_an_ivf_index_and_search_it_like_exact(tmp_path, eng, m
     keys = list(want)
     q = query_vector(eng, store, Query(texts=["a harbour"])).vector
     exact = np.stack([want[k] for k in keys]) @ q
-    rows = search(store, q, 20)  # every partition probed (fewer than nprobes), candidates re-ranked exactly
+    rows = search(store, q, 20)  # every partition probed, candidates re-ranked exactly (refine)
     assert [(r["size"], *r["window"]) for r in rows] == [keys[i] for i in np.argsort(-exact)[:20]]
     np.testing.assert_allclose([r["score"] for r in rows], np.sort(exact)[::-1][:20], atol=1e-5)
+
+
+def test_rows_added_after_the_ivf_index_are_searched_exactly_until_a_rebuild(tmp_path, eng, monkeypatch):
+    """A later build leaves its rows outside the IVF index (found by the exact search beside it) until they pass
+    ANN_REBUILD_SHARE of the table; finish() never calls optimize(), which collapses the IVF partitions."""
+    from backend.index import layout
+    monkeypatch.setattr(layout, "ANN_MIN_ROWS", 100)
+    monkeypatch.setattr(layout, "ANN_NPROBES", 16)
+    a = write_raster(tmp_path / "a.tif", height=300, width=320, seed=15, blank_rows=0)
+    b = write_raster(tmp_path / "b.tif", height=96, width=96, seed=16, blank_rows=0)
+    build_index(eng, tmp_path / "i", [str(a)], WindowSettings((32,), CROP, 0.5))
+    import lancedb.table
+    monkeypatch.setattr(lancedb.table.LanceTable, "optimize",
+                        lambda *a, **k: pytest.fail("optimize() collapses the IVF partitions"))
+    monkeypatch.setattr(layout, "ANN_REBUILD_SHARE", 1.0)  # no rebuild: b's rows stay outside the index
+    rep = build_index(eng, tmp_path / "i", [str(b)])
+    store = IndexStore.open(tmp_path / "i")
+    want_b = expected_windows(eng, b, sizes=(32,))
+    assert rep["ann"] and store.unindexed_rows() == len(want_b) > 0
+    key, vec = next(iter(want_b.items()))
+    top = search(store, vec, 1)[0]
+    assert top["raster"].endswith("b.tif") and (top["size"], *top["window"]) == key
+    assert top["score"] == pytest.approx(1.0, abs=1e-5)
+    monkeypatch.setattr(layout, "ANN_REBUILD_SHARE", 0.0)
+    with store.writing():
+        assert store.finish()["unindexed"] == 0  # past the share: the index is built again over every row
