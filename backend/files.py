@@ -39,7 +39,7 @@ def read_image(path: PathLike) -> Image:
 
     A raster's affine (rotated ones too) and CRS are kept, so outputs land where the input is. Its first
     three bands (or its first, with fewer than three) are read, and its valid pixels (:func:`raster_valid`:
-    valid in every band's nodata or internal mask, alpha > 0, finite). Rasters
+    valid in every band's nodata or internal mask, alpha > 0, finite) as the mask. Rasters
     that are neither 8- nor 16-bit are stretched min-max over their valid pixels to uint16. A PNG's alpha
     stays its 4th channel (which the backend reads as the mask).
     """
@@ -63,10 +63,10 @@ def read_image(path: PathLike) -> Image:
     import rasterio
     try:
         with rasterio.open(path) as ds:
-            bands = min(ds.count, 4) if ds.count != 2 else 1
-            check_pixels(path, ds.height, ds.width, bands)  # what the header declares, before reading
-            data = ds.read(list(range(1, bands + 1)))
-            valid = raster_valid(ds, range(1, min(bands, 3) + 1), data[:3])
+            bands = 3 if ds.count >= 3 else 1  # a 4th band (NIR, alpha ...) is never sent as a 4th channel,
+            check_pixels(path, ds.height, ds.width, bands)  # which the server would read as alpha; an alpha band
+            data = ds.read(list(range(1, bands + 1)))  # counts in the mask instead (raster_valid)
+            valid = raster_valid(ds, range(1, bands + 1), data)
             transform = list(ds.transform)[:6]
             crs = ds.crs.to_string() if ds.crs else None
     except rasterio.errors.RasterioIOError as exc:

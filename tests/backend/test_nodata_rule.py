@@ -103,3 +103,23 @@ def test_float_bands_nan_is_invalid_in_any_band(tmp_path):
     path = write(tmp_path / "f.tif", bands, nodata=-9999.0)
     expected = np.isfinite(bands).all(axis=0) & (bands != -9999.0).all(axis=0)
     assert np.array_equal(read_image(path).mask != 0, expected)
+
+
+def test_read_image_sends_three_channels_and_counts_an_alpha_band_in_the_mask(tmp_path):
+    """A 4th band is never a 4th channel (the server reads a 4th channel as alpha): a NIR band with zeros
+    leaves every pixel valid; an alpha band's zeros are the mask's invalid pixels."""
+    rng = np.random.default_rng(3)
+    rgbn = rng.integers(1, 255, (4, H, W), dtype=np.uint8)
+    rgbn[3, :5] = 0  # NIR zeros: data, not transparency
+    path = write(tmp_path / "rgbn.tif", rgbn)
+    with rasterio.open(path, "r+") as ds:  # GDAL calls a 4th uint8 band alpha unless told otherwise
+        ds.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.undefined]
+    nir = read_image(path)
+    assert nir.pixels.shape == (H, W, 3) and nir.mask is None
+    np.testing.assert_array_equal(nir.pixels, rgbn[:3].transpose(1, 2, 0))
+    rgba = rgbn.copy()
+    rgba[3] = 255
+    rgba[3, :, :7] = 0
+    img = read_image(write(tmp_path / "rgba.tif", rgba, alpha=True))
+    assert img.pixels.shape == (H, W, 3)
+    np.testing.assert_array_equal(img.mask != 0, rgba[3] > 0)
