@@ -24,9 +24,9 @@ mkdir -p "$PLUGINS" "$PROFILE_DIR/QGIS"
 INI="$PROFILE_DIR/QGIS/QGIS3.ini"
 BACKEND_PYTHON="${BACKEND_PYTHON:-$ROOT/.venv/bin/python}"
 /usr/bin/python3 - "$INI" "$BACKEND_PYTHON" "$ROOT" "${MAPQUERY_MODEL:-georsclip-vit-b-32}" "${MAPQUERY_EXTRA:-}" \
-  "${MAPQUERY_MODE:-start}" "${MAPQUERY_ADDRESS:-}" <<'PY'
+  "${MAPQUERY_MODE:-start}" "${MAPQUERY_ADDRESS:-}" "${MAPQUERY_OUTPUT_DIR:-}" <<'PY'
 import configparser, sys
-ini, python, root, model, extra, mode, address = sys.argv[1:8]
+ini, python, root, model, extra, mode, address, outputs = sys.argv[1:9]
 sys.path.insert(0, root)
 from shared_protocol.endpoints import DEFAULT_ADDRESS
 address = address or DEFAULT_ADDRESS
@@ -36,7 +36,7 @@ cfg.read(ini)
 for section, values in {
     "PythonPlugins": {"mapquery_rs": "true"},
     "mapquery_rs": {"mode": mode, "address": address, "backend_python": python, "backend_dir": root,
-                    "model": model, "extra_args": extra, "offline": "true"},
+                    "model": model, "extra_args": extra, "offline": "true", "output_dir": outputs},
     "qgis": {"checkVersion": "false", "showTips": "false"},
 }.items():
     if not cfg.has_section(section):

@@ -276,7 +276,7 @@ def test_desktop_adapt_tab(qgis_app, tmp_path, adapt_backend):
                                                                                 "qgis_adapt_startup.py"),
            "MAPQUERY_SAMPLE": str(tmp_path / "scene.tif"), "MAPQUERY_LABELS": str(tmp_path / "labels.gpkg"),
            "MAPQUERY_ADAPTER": "desktop-adapter", "MAPQUERY_SCREENSHOT": str(shot), "MAPQUERY_RESULT": str(result),
-           "MAPQUERY_QUIT": "1"}
+           "MAPQUERY_QUIT": "1", "MAPQUERY_OUTPUT_DIR": str(tmp_path / "outputs")}
     env.pop("QT_QPA_PLATFORM", None)
     proc = subprocess.run(["xvfb-run", "-a", "-s", "-screen 0 1280x800x24", str(root / "scripts" / "run_qgis.sh")],
                           env=env, capture_output=True, text=True, timeout=240)
@@ -290,6 +290,7 @@ def test_desktop_adapt_tab(qgis_app, tmp_path, adapt_backend):
     assert sum(map(sum, confusion)) > 0  # held-out chips counted
     assert "desktop-adapter" in out["adapters"] and "registered" in out["summary"]
     assert out["unsure_count"] == 5 and "label next (desktop-adapter)" in out["layers"]
+    assert Path(out["unsure"].split("|")[0]).parent == tmp_path / "outputs"  # the configured folder
     from qgis.PyQt.QtGui import QImage
     img = QImage(str(shot))
     assert img.width() >= 800 and img.height() >= 600

@@ -26,6 +26,7 @@ def test_desktop_dock_draws_a_heatmap(live_backend, data_dir, tmp_path):
         shot.unlink()
     env = {**os.environ, "PROFILES": str(tmp_path / "profiles"), "MAPQUERY_MODE": "connect",
            "MAPQUERY_ADDRESS": live_backend.address, "MAPQUERY_AUTORUN": "a river",
+           "MAPQUERY_OUTPUT_DIR": str(tmp_path / "outputs"),  # not the user's ~/mapquery_outputs
            "MAPQUERY_SCREENSHOT": str(shot), "MAPQUERY_RESULT": str(result), "MAPQUERY_QUIT": "1",
            "MAPQUERY_SAMPLE": str(data_dir / "RGB.byte.tif")}
     env.pop("QT_QPA_PLATFORM", None)  # the desktop draws on the virtual X server
@@ -37,6 +38,7 @@ def test_desktop_dock_draws_a_heatmap(live_backend, data_dir, tmp_path):
     assert outcome["ok"], outcome
     assert outcome["groups"] == ["MapQuery: localize: a river [RGB.byte, map view]"]
     assert "heatmap: a river" in outcome["layers"] and "RGB.byte" in outcome["layers"]
+    assert Path(outcome["sources"]["heatmap: a river"]).parent == tmp_path / "outputs"  # the configured folder
     assert shot.is_file() and shot.stat().st_size > 20_000
     from qgis.PyQt.QtGui import QImage
     img = QImage(str(shot))
