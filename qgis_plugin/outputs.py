@@ -62,6 +62,13 @@ def _temp_sibling(path: Path) -> Path:
     return Path(tmp)
 
 
+def _remove_gpkg_temp(tmp: Path) -> None:
+    """A temporary GeoPackage and its SQLite journal files, if a failed write left them."""
+    for p in (tmp, Path(str(tmp) + "-wal"), Path(str(tmp) + "-shm")):
+        if p.exists():
+            p.unlink()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
     tmp = _temp_sibling(path)
     try:
@@ -181,9 +188,7 @@ def write_polygons_gpkg(path: Path, layer_name: str, fields: Sequence[Tuple[str,
         del writer  # closes the file
         os.replace(tmp, path)
     finally:
-        for p in (tmp, Path(str(tmp) + "-wal"), Path(str(tmp) + "-shm")):
-            if p.exists():
-                p.unlink()
+        _remove_gpkg_temp(tmp)
     return path
 
 
@@ -231,7 +236,5 @@ def write_mask_polygons_gpkg(path: Path, mask: np.ndarray, transform: Sequence[f
         ds = None
         os.replace(tmp, path)
     finally:
-        for p in (tmp, Path(str(tmp) + "-wal"), Path(str(tmp) + "-shm")):
-            if p.exists():
-                p.unlink()
+        _remove_gpkg_temp(tmp)
     return path
