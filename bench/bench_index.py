@@ -25,9 +25,8 @@ import numpy as np
 from common import machine
 from backend.engine import Engine, EngineConfig
 from backend.index import layout
-from backend.index.build import build_index
+from backend.index.build import build_index, hit_column
 from backend.index.layout import WindowSettings
-from backend.index.query import hit_fields
 from backend.index.rasters import window_boxes
 from backend.models import load_model
 
@@ -103,7 +102,7 @@ def synthetic_rows(start: int, vectors: np.ndarray):
     col, row = (i % 1000 * 256).astype(np.int32), (i // 1000 * 256).astype(np.int32)
     x0, y0 = 500000.0 + col, 4200000.0 - row
     lon, lat = -75 + col * 1e-5, 38 - row * 1e-5
-    cols = {"id": pa.array([f"synthetic:256:{c}:{r}" for c, r in zip(col, row)]), "raster": ["/data/synthetic.tif"] * n,
+    cols = {"id": [f"synthetic:256:{c}:{r}" for c, r in zip(col, row)], "raster": ["/data/synthetic.tif"] * n,
             "raster_id": ["synthetic"] * n, "col": col, "row": row, "width": np.full(n, 256, np.int32),
             "height": np.full(n, 256, np.int32), "size": np.full(n, 256, np.int32), "crs": ["EPSG:32618"] * n,
             "minx": x0, "miny": y0 - 256, "maxx": x0 + 256, "maxy": y0, "lon_min": lon, "lat_min": lat - 2.5e-3,
@@ -111,8 +110,7 @@ def synthetic_rows(start: int, vectors: np.ndarray):
             "wkt": [f"POLYGON(({a:.5f} {b:.5f}, ...))" for a, b in zip(lon, lat)], "valid": np.ones(n, np.float32),
             "date": ["2026-11-25"] * n,
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim)}
-    table = pa.table({k: v for k, v in cols.items()})
-    cols["hit"] = [json.dumps(hit_fields(r)) for r in table.drop_columns(["vector", "geometry"]).to_pylist()]
+    cols["hit"] = hit_column(cols)
     return pa.table(cols, schema=layout.windows_schema(dim))
 
 

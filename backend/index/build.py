@@ -105,11 +105,18 @@ def rows_table(plan: RasterPlan, index: np.ndarray, valid: np.ndarray, feats: np
         "valid": np.asarray(valid, np.float32), "date": [info.date] * n,
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(feats, np.float32).ravel()), dim),
     }
-    names = ("id", "raster", "col", "row", "width", "height", "size", "crs", "minx", "miny", "maxx", "maxy", "lon_min",
-             "lat_min", "lon_max", "lat_max", "wkt", "valid", "date")
-    values = [c.tolist() if isinstance(c, np.ndarray) else list(c) for c in (cols[k] for k in names)]
-    cols["hit"] = [json.dumps(hit_fields(dict(zip(names, r, strict=True)))) for r in zip(*values, strict=True)]
+    cols["hit"] = hit_column(cols)
     return pa.table(cols, schema=windows_schema(dim))
+
+
+HIT_SOURCES = ("id", "raster", "col", "row", "width", "height", "size", "crs", "minx", "miny", "maxx", "maxy",
+               "lon_min", "lat_min", "lon_max", "lat_max", "wkt", "valid", "date")
+
+
+def hit_column(cols: Dict[str, Any]) -> List[str]:
+    """The ``hit`` column (``query.hit_fields`` as JSON, one per row) of window rows given column by column."""
+    values = [c.tolist() if isinstance(c, np.ndarray) else list(c) for c in (cols[k] for k in HIT_SOURCES)]
+    return [json.dumps(hit_fields(dict(zip(HIT_SOURCES, r, strict=True)))) for r in zip(*values, strict=True)]
 
 
 class _Writer:
