@@ -36,9 +36,11 @@ FORMAT_VERSION = 2  # 2: the 'hit' column
 MANIFEST = "index.json"
 LOCK = ".lock"
 WINDOWS, RASTERS = "windows", "rasters"
-ANN_MIN_ROWS = 65_536  # below: exact (flat) search; from here: an IVF-SQ index
+ANN_MIN_ROWS = 65_536  # below: exact (flat) search; from here: an IVF index
+ANN_KIND = "IVF_FLAT"  # full vectors in each partition: exact scores, no refine (bench/RESULTS.md)
 ANN_NPROBES = 8
-ANN_REFINE = 2  # re-rank 2k candidates on their full vectors: exact scores, for ~1 ms (bench/RESULTS.md)
+ANN_REFINE: Optional[int] = None  # for a quantised kind (IVF_SQ, IVF_PQ): re-rank that many x k exactly
+INDEX_CACHE_BYTES = 2 << 30  # the process's cache of loaded index partitions (shared by every index it opens)
 ANN_REBUILD_SHARE = 0.1  # rebuild the ANN index when more than this share of the rows is not in it
 KEEP_VERSIONS = dt.timedelta(minutes=10)
 for _var in ("LANCE_LOG", "LANCEDB_LOG"):  # lance's Rust log ('No existing dataset ... will be created')
@@ -172,12 +174,14 @@ def check_model(manifest: Manifest, identity: Dict[str, Any], path: Path) -> Non
 class IndexStore:
     """An open index folder: its manifest and LanceDB tables."""
 
-    def __init__(self, path: Path, manifest: Manifest, db: Any):
+    def __init__(self, path: Path, manifest: Manifest, db: Any, manifest_id: Optional[tuple] = None):
         self.path = path
         self.manifest = manifest
         self.db = db
         self._windows = None
         self._rasters = None
+        self._lance: Dict[str, Any] = {}  # table name -> Lance dataset (the version this object reads) or None
+        self._opened = None if manifest_id is None else self._stamp(manifest_id, latest=False)
 
     # -- opening ------------------------------------------------------------------------------------
     @classmethod
@@ -185,10 +189,39 @@ class IndexStore:
         """Open an existing index for reading (``identity``: the model in use, checked against the index's)."""
         import lancedb
         path = Path(path).resolve()
+        manifest_id = file_id(path / MANIFEST)  # before reading it: a manifest replaced after is seen as a change
         manifest = read_manifest(path)
         if identity is not None:
             check_model(manifest, identity, path)
-        return cls(path, manifest, lancedb.connect(str(path)))
+        return cls(path, manifest, lancedb.connect(str(path)), manifest_id)
+
+    def _stamp(self, manifest_id: Optional[tuple], latest: bool) -> tuple:
+        """(manifest, windows version, rasters version): the versions this object reads, or the latest ones
+        committed (``latest``; a table that appeared since counts as a change)."""
+        parts: List[Any] = [manifest_id]
+        for name in (WINDOWS, RASTERS):
+            ds = self._lance_table(name)
+            if ds is not None:
+                parts.append(ds.latest_version if latest else ds.version)
+            else:
+                parts.append("appeared" if latest and (self.path / f"{name}.lance" / "_versions").is_dir()
+                             else "missing")
+        return tuple(parts)
+
+    def is_current(self) -> bool:
+        """Whether nothing was committed to the index since this object opened it for reading (then it may be
+        reused, with the caches it warmed): one stat and two reads of Lance's latest-version hint."""
+        return self._opened is not None and self._stamp(file_id(self.path / MANIFEST), latest=True) == self._opened
+
+    def _lance_table(self, name: str) -> Any:
+        """A table as a Lance dataset in the process's shared session (opened once per object), or None."""
+        if name not in self._lance:
+            import lance
+            try:
+                self._lance[name] = lance.dataset(str(self.path / f"{name}.lance"), session=lance_session())
+            except (ValueError, OSError):  # missing, or no committed version yet
+                self._lance[name] = None
+        return self._lance[name]
 
     @classmethod
     def create_or_open(cls, path: os.PathLike, identity: Dict[str, Any], settings: Optional[WindowSettings],
@@ -294,22 +327,32 @@ class IndexStore:
                                                 for i in self.windows.list_indices())
 
     def search(self, vector: np.ndarray, k: int, where: Optional[str], columns: Sequence[str]) -> pa.Table:
-        """The ``k`` rows of largest dot product with ``vector`` (a ``score`` column), among rows ``where``."""
-        q = self._table().search(np.asarray(vector, np.float32), vector_column_name="vector").metric("dot")
-        if self.has_ann():
-            q = q.nprobes(ANN_NPROBES)
-            if ANN_REFINE:
-                q = q.refine_factor(ANN_REFINE)
-        if where:
-            q = q.where(where, prefilter=True)
-        t = q.select(list(columns) + ["_distance"]).limit(k).to_arrow()
+        """The ``k`` rows of largest dot product with ``vector`` (a ``score`` column), among rows ``where``:
+        through the IVF index when there is one (``ANN_NPROBES`` partitions, plus the rows it does not hold yet,
+        searched exactly), else exactly. Read through Lance directly, with the process's shared cache, so the
+        partitions a search loads stay in memory for the next request (which re-opens the index)."""
+        nearest: Dict[str, Any] = {"column": "vector", "q": np.asarray(vector, np.float32), "k": int(k),
+                                   "metric": "dot", "nprobes": ANN_NPROBES}
+        if ANN_REFINE:
+            nearest["refine_factor"] = ANN_REFINE
+        t = self._dataset().to_table(columns=list(columns) + ["_distance"], nearest=nearest, filter=where or None,
+                                     prefilter=bool(where))
         return t.append_column("score", pc.subtract(1.0, t["_distance"])).drop_columns(["_distance"])
+
+    def _dataset(self) -> Any:
+        """The windows table as a Lance dataset in the process's shared session."""
+        ds = self._lance_table(WINDOWS)
+        if ds is None:
+            self._table()  # its typed error for an index whose first build stopped before any commit
+            raise bad(INDEX_HALF_WRITTEN, f"{self.path}: the windows table cannot be read", path=str(self.path))
+        return ds
 
     # -- writing (under ``writing()``) --------------------------------------------------------------
     def append(self, rows: pa.Table) -> None:
         """One atomic commit of window rows."""
         if rows.num_rows:
             self.windows.add(rows)
+            self._lance = {}  # the next search reads the new version
 
     def forget_raster(self, path: str, keep_id: Optional[str] = None) -> None:
         """Remove a file's completion record and its window rows (all, or those of other versions than
@@ -318,6 +361,7 @@ class IndexStore:
                                                            if keep_id else ""))
         self.windows.delete(f"raster = {sql_str(path)}" + (f" AND raster_id != {sql_str(keep_id)}"
                                                            if keep_id else ""))
+        self._lance = {}
 
     def mark_complete(self, record: Dict[str, Any]) -> None:
         self.rasters.add(pa.Table.from_pylist([record], schema=RASTERS_SCHEMA))
@@ -349,22 +393,51 @@ class IndexStore:
                 table.cleanup_old_versions(KEEP_VERSIONS)
         if n >= ANN_MIN_ROWS and (not self.has_ann() or self.unindexed_rows() > ANN_REBUILD_SHARE * n):
             create_ann(self.windows, n, self.manifest.dim)
+        self._lance = {}
         info["ann"] = self.has_ann()
         info["unindexed"] = self.unindexed_rows()
         return info
 
 
-def create_ann(table: Any, rows: int, dim: int, kind: str = "IVF_SQ") -> None:
-    """An IVF index over ``vector`` (dot product, ~sqrt(rows) partitions): ``IVF_SQ`` (8-bit scalar
-    quantisation, the default) or ``IVF_PQ`` (8-d sub-vectors, 8 bits each); searches probe ``ANN_NPROBES``
-    partitions and, when ``ANN_REFINE`` is set, re-rank that many x k candidates exactly. IVF-PQ's codebook
-    training cost 62 s of CPU for 20,000 rows on the 2-core development machine against 2.5 s for IVF-SQ
-    (bench/RESULTS.md)."""
-    from lancedb.index import IvfPq, IvfSq
+def file_id(path: Path) -> Optional[tuple]:
+    """(inode, mtime, size) of a file, None when missing: changes when the atomic writer replaces it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def lance_session() -> Any:
+    """The one Lance session of this process: its index cache (``INDEX_CACHE_BYTES``) keeps the IVF partitions
+    that searches loaded, across the re-opening of an index for each request."""
+    global _SESSION
+    if _SESSION is None:
+        import lance
+        _SESSION = lance.Session(index_cache_size_bytes=INDEX_CACHE_BYTES)
+    return _SESSION
+
+
+_SESSION: Any = None
+
+
+def create_ann(table: Any, rows: int, dim: int, kind: Optional[str] = None) -> None:
+    """An IVF index over ``vector`` (dot product, ~sqrt(rows) partitions) of ``kind`` (``ANN_KIND``):
+    ``IVF_FLAT`` keeps each partition's full vectors (exact scores; on the 2-core development machine a top-100
+    over 1M rows took ~4 ms at recall 0.999 against ~8 ms and 0.98 for IVF-SQ, for a second copy of the vectors
+    on disk), ``IVF_SQ`` 8-bit scalar quantisation, ``IVF_PQ`` 8-d sub-vectors of 8 bits. Searches probe
+    ``ANN_NPROBES`` partitions; with ``ANN_REFINE`` set, a quantised kind re-ranks that many x k candidates
+    exactly (bench/RESULTS.md)."""
+    from lancedb.index import IvfFlat, IvfPq, IvfSq
+    kind = kind or ANN_KIND
     partitions = max(16, int(round(math.sqrt(rows))))
     if kind == "IVF_PQ":
         sub_vectors = next(s for s in (dim // 8, dim // 4, dim // 2, dim, 1) if s >= 1 and dim % s == 0)
         config: Any = IvfPq(distance_type="dot", num_partitions=partitions, num_sub_vectors=sub_vectors)
-    else:
+    elif kind == "IVF_SQ":
         config = IvfSq(distance_type="dot", num_partitions=partitions)
+    elif kind == "IVF_FLAT":
+        config = IvfFlat(distance_type="dot", num_partitions=partitions)
+    else:
+        raise ValueError(f"unknown ANN kind {kind!r}: IVF_FLAT, IVF_SQ or IVF_PQ")
     table.create_index("vector", config=config, replace=True)  # (with a config, the first argument is the column)

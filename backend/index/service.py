@@ -21,6 +21,7 @@ from .build import build_index
 from .errors import OUTSIDE_DATA_DIRS, index_error
 from .identity import model_identity
 from .layout import IndexStore, WindowSettings, read_manifest
+from .layout import check_model as check_model_of
 from .query import Query, extent_where, query_vector, score_surface, search, surface_geotiff
 
 MAX_SURFACES = 16  # score surfaces in one reply
@@ -73,9 +74,15 @@ class IndexOps:
         store = self.open.get(ref)
         path = store.path if store is not None else self._path(job, ref, "index")
         self._path(job, str(path), "index")  # an index opened by a local client stays local
+        name = self._name_for(path)
+        store = self.open.get(name)
+        if store is not None and store.is_current():  # nothing committed since: reuse it and its warm caches
+            if check_model:
+                check_model_of(store.manifest, model_identity(self.engine, store.manifest.model.get("adapter")),
+                               path)
+            return name, store
         identity = model_identity(self.engine, read_manifest(path).model.get("adapter")) if check_model else None
         fresh = IndexStore.open(path, identity)  # re-read: another process may have added to it
-        name = self._name_for(path)
         with self._lock:
             self.open[name] = fresh
         return name, fresh
@@ -164,8 +171,7 @@ def describe(store: IndexStore, name: Optional[str] = None, engine: Optional[Eng
                                                           "date", "indexed_at")} for r in store.raster_rows()]}
     if engine is not None:
         try:
-            from .layout import check_model
-            check_model(m, model_identity(engine, m.model.get("adapter")), store.path)
+            check_model_of(m, model_identity(engine, m.model.get("adapter")), store.path)
             out["queryable"] = True
         except ProtocolError as exc:
             out["queryable"] = False

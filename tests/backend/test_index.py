@@ -325,3 +325,33 @@ def test_rows_added_after_the_ivf_index_are_searched_exactly_until_a_rebuild(tmp
     monkeypatch.setattr(layout, "ANN_REBUILD_SHARE", 0.0)
     with store.writing():
         assert store.finish()["unindexed"] == 0  # past the share: the index is built again over every row
+
+
+def test_a_served_index_is_reused_until_a_commit_and_then_read_again(tmp_path, eng):
+    """The server keeps an opened index (and the partitions its searches loaded) while nothing changes, and
+    opens it again after any commit, from this process or another: a search then sees the new rows."""
+    from types import SimpleNamespace
+    from backend.index.service import IndexOps
+    a = write_raster(tmp_path / "a.tif", seed=31, blank_rows=0)
+    b = write_raster(tmp_path / "b.tif", seed=32, blank_rows=0)
+    build_index(eng, tmp_path / "i", [str(a)], SETTINGS)
+    ops = IndexOps(eng)
+    job = SimpleNamespace(local=True)
+    name, first = ops._store(job, str(tmp_path / "i"))
+    assert first.is_current() and ops._store(job, name)[1] is first  # nothing committed: the same object
+    build_index(eng, tmp_path / "i", [str(b)])  # another writer (its own store objects) commits b's windows
+    assert not first.is_current()
+    _, second = ops._store(job, name)
+    assert second is not first and second.is_current()
+    want_b = expected_windows(eng, b)
+    key, vec = next(iter(want_b.items()))
+    top = search(second, vec, 1)[0]  # b's window is found by its own embedding
+    assert top["raster"] == str(b) and (top["size"], *top["window"]) == key
+    assert top["score"] == pytest.approx(1.0, abs=1e-5)
+    with second.writing():
+        second.forget_raster(str(b))  # a delete is a commit too
+    assert not second.is_current()
+    third = ops._store(job, name)[1]
+    assert all(r["raster"] != str(b) for r in search(third, vec, 5))
+    (tmp_path / "i" / MANIFEST).write_text((tmp_path / "i" / MANIFEST).read_text())  # the manifest rewritten
+    assert not third.is_current()
