@@ -38,6 +38,7 @@ LOCK = ".lock"
 WINDOWS, RASTERS = "windows", "rasters"
 ANN_MIN_ROWS = 65_536  # below: exact (flat) search; from here: an IVF index
 ANN_KIND = "IVF_FLAT"  # full vectors in each partition: exact scores, no refine (bench/RESULTS.md)
+ANN_RQ_BITS = 8  # IVF_RQ (RaBitQ): bits per dimension
 ANN_NPROBES = 8
 ANN_REFINE: Optional[int] = None  # for a quantised kind (IVF_SQ, IVF_PQ): re-rank that many x k exactly
 INDEX_CACHE_BYTES = 2 << 30  # the process's cache of loaded index partitions (shared by every index it opens)
@@ -428,16 +429,18 @@ def create_ann(table: Any, rows: int, dim: int, kind: Optional[str] = None) -> N
     on disk), ``IVF_SQ`` 8-bit scalar quantisation, ``IVF_PQ`` 8-d sub-vectors of 8 bits. Searches probe
     ``ANN_NPROBES`` partitions; with ``ANN_REFINE`` set, a quantised kind re-ranks that many x k candidates
     exactly (bench/RESULTS.md)."""
-    from lancedb.index import IvfFlat, IvfPq, IvfSq
+    from lancedb.index import IvfFlat, IvfPq, IvfRq, IvfSq
     kind = kind or ANN_KIND
     partitions = max(16, int(round(math.sqrt(rows))))
-    if kind == "IVF_PQ":
+    if kind == "IVF_RQ":
+        config: Any = IvfRq(distance_type="dot", num_partitions=partitions, num_bits=ANN_RQ_BITS)
+    elif kind == "IVF_PQ":
         sub_vectors = next(s for s in (dim // 8, dim // 4, dim // 2, dim, 1) if s >= 1 and dim % s == 0)
-        config: Any = IvfPq(distance_type="dot", num_partitions=partitions, num_sub_vectors=sub_vectors)
+        config = IvfPq(distance_type="dot", num_partitions=partitions, num_sub_vectors=sub_vectors)
     elif kind == "IVF_SQ":
         config = IvfSq(distance_type="dot", num_partitions=partitions)
     elif kind == "IVF_FLAT":
         config = IvfFlat(distance_type="dot", num_partitions=partitions)
     else:
-        raise ValueError(f"unknown ANN kind {kind!r}: IVF_FLAT, IVF_SQ or IVF_PQ")
+        raise ValueError(f"unknown ANN kind {kind!r}: IVF_FLAT, IVF_RQ, IVF_SQ or IVF_PQ")
     table.create_index("vector", config=config, replace=True)  # (with a config, the first argument is the column)

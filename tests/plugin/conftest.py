@@ -35,6 +35,15 @@ def qgis_app():
     return _APP
 
 
+@pytest.fixture(autouse=True)
+def outputs_in_test_home(tmp_path, monkeypatch):
+    """An unsaved project's outputs (``~/mapquery_outputs``) land in the test's folder, not the user's home."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not DATA.is_dir():
