@@ -67,7 +67,7 @@ def resolve_precision(requested: str, device: torch.device, cpu_bf16: Optional[b
     if requested == "int8":
         if device.type != "cpu":
             raise ValueError(f"int8 runs on a CPU only (dynamically quantised layers have no {device.type} "
-                             "kernels); on CUDA use auto (bf16 autocast) or fp16")
+                             "kernels): on a GPU use auto (bf16 autocast) or fp16, or run on the CPU with --device cpu")
         return Precision("int8", int8=True)
     if device.type == "cuda":
         if requested == "auto":
