@@ -54,7 +54,7 @@ class Engine:
         # (the loaded model and the adapters, which share its tensors, stay fp32: adapters run in fp32 on CPU)
         self.base_model = inference_copy(loaded.model, self.precision)
         if self.base_model is not loaded.model:
-            log.info("base model: a %s copy for CPU inference", self.precision.name)
+            log.info("base model: its %s copy for CPU inference", self.precision.name)
         self._fast_text = trimmed_text_encoder(self.base_model)
 
     @property
