@@ -17,7 +17,7 @@ from .models.loading import LoadedModel
 from .models.preprocess import normalize as normalize_input
 from .models.preprocess import (preprocess_batch, resize_exact, resize_shortest_and_crop, to_device, unit_rgb,
                                 value_scale)
-from .models.precision import cast_copy, resolve_precision
+from .models.precision import inference_copy, resolve_precision
 from .models.text_encoder import trimmed_text_encoder
 
 log = logging.getLogger("backend.engine")
@@ -32,7 +32,7 @@ def _no_progress(fraction: float, message: str = "") -> None:
 @dataclass
 class EngineConfig:
     batch_size: int = 0  # 0: 256 on CUDA, 64 on CPU
-    precision: str = "auto"  # auto, fp32, fp16 (CUDA only), bf16: see resolve_precision
+    precision: str = "auto"  # auto, fp32, fp16 (CUDA only), bf16, int8 (CPU only): see resolve_precision
     cache_bytes: int = 2 << 30  # embedding cache budget
     text_batch_size: int = 256
 
@@ -50,11 +50,11 @@ class Engine:
         self.cache = LRUCache(config.cache_bytes)
         self.batch_size = config.batch_size or (256 if self.device.type == "cuda" else 64)
         self.precision = resolve_precision(config.precision, self.device)
-        # the base model as run: on CPU with bf16, a bf16 copy (the loaded model and the adapters, which
-        # share its tensors, stay fp32: adapters run in fp32 on CPU)
-        self.base_model = cast_copy(loaded.model, self.precision.weights)
+        # the base model as run: on CPU with bf16, a bf16 copy; with int8, a copy with int8 Linear layers
+        # (the loaded model and the adapters, which share its tensors, stay fp32: adapters run in fp32 on CPU)
+        self.base_model = inference_copy(loaded.model, self.precision)
         if self.base_model is not loaded.model:
-            log.info("base model: a %s copy for CPU inference", self.precision.name)
+            log.info("base model: its %s copy for CPU inference", self.precision.name)
         self._fast_text = trimmed_text_encoder(self.base_model)
 
     @property
@@ -69,7 +69,8 @@ class Engine:
         return torch.autocast(self.device.type, dtype=self.precision.autocast)
 
     def input_dtype(self, adapter: Optional[str] = None) -> torch.dtype:
-        """The dtype a model's float inputs must have: its weights' (bf16 for a cast base model on CPU)."""
+        """The dtype a model's float inputs must have: its weights' (bf16 for a cast base model on CPU; fp32
+        for the int8 copy, which quantises its Linear layers' inputs itself)."""
         return self.precision.weights if adapter is None else torch.float32  # see adapter_precision
 
     def model_for(self, adapter: Optional[str]) -> torch.nn.Module:

@@ -8,7 +8,11 @@ Part ``speed``: ViT-B-32 architecture (random weights: time does not depend on t
 224 px: the seconds from reading the layer to the adapter registered on a warm server (chips cut, sent,
 encoded, fitted, held-out accuracy measured, saved), for each instant method (the first with the class names
 new to the server, the second with the same names on other chips); then one epoch of each trained method on
-the same chips (seconds per epoch from the trainer's history).
+the same chips (seconds per epoch from the trainer's history). ``--precision`` is passed to the server (both
+parts; without it the accuracy part runs fp32 and the speed part the server's ``auto``).
+
+Part ``agreement``: the speed part's 100 chips embedded in this process by the speed part's architecture
+(random weights) at ``--precision`` and at fp32, the same weights: the cosine between the two per chip.
 
 Prints a table and one ``RESULT {json}`` line.
 """
@@ -26,6 +30,7 @@ import numpy as np
 from common import ROOT, machine
 from backend.adapt.examples import build_examples
 from backend.adapt.scene import make_scene
+from backend.models.precision_names import PRECISIONS
 from backend.process import start_server
 from shared_protocol.client import Client
 
@@ -67,13 +72,14 @@ def per_class_subset(ex, per_class: int, seed: int = 0):
     return ex
 
 
-def accuracy_part(folder: Path, epochs: int) -> list:
+def accuracy_part(folder: Path, epochs: int, precision: str) -> list:
     scene = make_scene(folder / "scene", n_classes=5, grid=8, cell=80, textures=textures())
     rows = []
-    server = start_server(["--model", "tiny", "--random-weights", "--device", "cpu", "--precision", "fp32",
+    server = start_server(["--model", "tiny", "--random-weights", "--device", "cpu", "--precision", precision,
                            "--adapter-dir", str(folder / "adapters")])
     try:
         with Client(server.address, timeout=3600, retries=0) as client:
+            print(f"accuracy: the server runs {client.hello()['device']['precision']}", flush=True)
             ex = build_examples(scene.raster, scene.labels, "landcover", chip_size=32, max_per_example=4)
             for method in METHODS:
                 t = time.perf_counter()
@@ -91,22 +97,31 @@ def accuracy_part(folder: Path, epochs: int) -> list:
     return rows
 
 
-def speed_part(folder: Path, model: str, trained: tuple) -> dict:
+def speed_scenes(folder: Path) -> list:
     # 5 classes on 5x5 cells of 2240 m: 224-px chips at the native 5 m, 4 per polygon, 20 per class; one scene
     # per instant method (other textures: no chip embedding is cached from the job before; the class names,
     # hence their text vectors, are: the first job is cold, the second is the labelling loop's next round)
-    scenes = [make_scene(folder / f"scene224-{i}", n_classes=5, grid=5, cell=448, pixel=5.0, textures=textures(),
-                         seed=i) for i in range(2)]
-    server = start_server(["--model", model, "--random-weights", "--adapter-dir", str(folder / "adapters224")])
+    return [make_scene(folder / f"scene224-{i}", n_classes=5, grid=5, cell=448, pixel=5.0, textures=textures(),
+                       seed=i) for i in range(2)]
+
+
+def speed_examples(scene, i: int):
+    return per_class_subset(build_examples(scene.raster, scene.labels, "landcover", resolution=5.0, chip_size=224,
+                                           max_per_example=8, seed=i), 20)
+
+
+def speed_part(folder: Path, model: str, trained: tuple, precision: str) -> dict:
+    scenes = speed_scenes(folder)
+    server = start_server(["--model", model, "--random-weights", "--adapter-dir", str(folder / "adapters224"),
+                           "--precision", precision])
     out = {"model": model, "instant": {}, "trained_epoch_s": {}}
     try:
         with Client(server.address, timeout=3600, retries=0) as client:
-            client.hello()
+            out["precision"] = client.hello()["device"]["precision"]
+            print(f"speed: {model} on the server in {out['precision']}", flush=True)
             for i, method in enumerate(("instant-cache", "linear-probe")):
                 t = time.perf_counter()
-                scene = scenes[i]
-                ex = per_class_subset(build_examples(scene.raster, scene.labels, "landcover", resolution=5.0,
-                                                     chip_size=224, max_per_example=8, seed=i), 20)
+                ex = speed_examples(scenes[i], i)
                 cut = time.perf_counter() - t
                 res = send(client, ex, f"speed-{method}", method)
                 total = time.perf_counter() - t
@@ -126,22 +141,45 @@ def speed_part(folder: Path, model: str, trained: tuple) -> dict:
     return out
 
 
+def agreement_part(folder: Path, model: str, precision: str) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from backend.engine import Engine, EngineConfig
+    from backend.models import load_model
+    torch.manual_seed(0)
+    loaded = load_model(model, random_weights=True, device="cpu")
+    chips = speed_examples(speed_scenes(folder)[0], 0).chips
+    fp32 = Engine(loaded, EngineConfig(precision="fp32", cache_bytes=0)).encode_images(chips)
+    other = Engine(loaded, EngineConfig(precision=precision, cache_bytes=0))
+    cos = F.cosine_similarity(other.encode_images(chips), fp32)
+    out = {"model": model, "precision": other.precision.name, "chips": len(chips),
+           "cosine_min": round(float(cos.min()), 5), "cosine_mean": round(float(cos.mean()), 5)}
+    print(f"agreement {model} {out['precision']} vs fp32 on {len(chips)} chips: cosine min {out['cosine_min']}, "
+          f"mean {out['cosine_mean']} (random weights)", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=("accuracy", "speed", "all"), default="all")
+    ap.add_argument("--part", choices=("accuracy", "speed", "agreement", "all"), default="all")
     ap.add_argument("--epochs", type=int, default=10, help="trained methods' epochs in the accuracy part")
     ap.add_argument("--model", default="ViT-B-32", help="architecture of the speed part")
     ap.add_argument("--no-trained-speed", action="store_true", help="skip the trained methods' epoch times")
     ap.add_argument("--trained", nargs="+", choices=TRAINED, default=list(TRAINED),
                     help="the trained methods whose epoch is timed in the speed part")
+    ap.add_argument("--precision", choices=PRECISIONS, default=None,
+                    help="the server's --precision (default: fp32 for the accuracy part, auto for the speed part)")
     args = ap.parse_args()
     print(machine(), flush=True)
     result = {"machine": machine()}
     with tempfile.TemporaryDirectory() as tmp:
         if args.part in ("accuracy", "all"):
-            result["accuracy"] = accuracy_part(Path(tmp), args.epochs)
+            result["accuracy"] = accuracy_part(Path(tmp), args.epochs, args.precision or "fp32")
         if args.part in ("speed", "all"):
-            result["speed"] = speed_part(Path(tmp), args.model, () if args.no_trained_speed else tuple(args.trained))
+            result["speed"] = speed_part(Path(tmp), args.model, () if args.no_trained_speed else tuple(args.trained),
+                                         args.precision or "auto")
+        if args.part == "agreement":
+            result["agreement"] = agreement_part(Path(tmp), args.model, args.precision or "auto")
     print("RESULT " + json.dumps(result))
 
 

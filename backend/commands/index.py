@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Any, Callable, Dict, Optional
 
+from backend.models.precision_names import PRECISIONS
+
 from ._common import add_model_flags, fail
 
 
@@ -81,7 +83,7 @@ def _backend_flags(p: argparse.ArgumentParser, model: bool = True) -> None:
     if model:
         p.add_argument("--adapter", metavar="NAME[=FILE]",
                        help="the adapter to embed with: NAME on a backend, NAME=FILE in this process")
-        p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+        p.add_argument("--precision", default="auto", choices=PRECISIONS)
         p.add_argument("--batch-size", type=int, default=0)
         add_model_flags(p)
 

@@ -12,6 +12,7 @@ from shared_protocol.endpoints import DEFAULT_ADDRESS, TOKEN_ENV
 from shared_protocol.ops import DEFAULT_MAX_CANVAS_PIXELS
 
 from backend.errors import BackendError
+from backend.models.precision_names import PRECISIONS
 
 from ._common import add_model_flags, load_base
 
@@ -28,10 +29,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--adapter-dir", default=None, metavar="DIR",
                    help="where 'train' saves adapters, loaded again at start-up (default $MAPQUERY_ADAPTERS or "
                         "~/.cache/mapquery-rs/adapters; 'none': adapters trained here live until the server stops)")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16 autocast on CUDA (fp16 where bf16 is missing); on a CPU, bf16 weights where "
                    "the CPU has native bf16 (AVX512-BF16, AMX, Arm BF16: ~2.5x faster), else fp32. fp32 is "
-                   "exact; fp16 needs CUDA; adapters run in fp32 on a CPU")
+                   "exact; fp16 needs CUDA; int8 (CPU only, opt-in): the Linear layers dynamically quantised, "
+                   "faster where the CPU has no native bf16, embeddings close to fp32's but not equal; "
+                   "adapters run in fp32 on a CPU")
     p.add_argument("--batch-size", type=int, default=0, help="images per batch (0: 256 on CUDA, 64 on CPU)")
     p.add_argument("--cache-mb", type=int, default=2048, help="embedding cache budget in MiB")
     p.add_argument("--max-queue", type=int, default=64, help="queued requests before 'busy'")
@@ -84,8 +87,9 @@ def run(args: argparse.Namespace) -> int:
         adapter_info.update(named_info)
         engine = Engine(loaded, EngineConfig(batch_size=args.batch_size, precision=args.precision,
                                              cache_bytes=args.cache_mb << 20), adapters)
-        if not adapters and store is None and engine.base_model is not loaded.model:
-            loaded.model = engine.base_model  # nothing else needs the fp32 weights: free them
+        if not adapters and store is None and engine.base_model is not loaded.model and not engine.precision.int8:
+            loaded.model = engine.base_model  # nothing else needs the fp32 weights: free them (an int8 copy
+            # shares its unquantised tensors with them and the index fingerprint is theirs: kept)
         budget = args.memory_budget_mb << 20 if args.memory_budget_mb is not None else None
         server = Server(ModelService(engine, limits, max_canvas_pixels=args.max_canvas_pixels,
                                      adapter_info=adapter_info, memory_budget=budget,

@@ -2,7 +2,9 @@
 
 The fingerprint hashes every floating-point weight of the model (and adapter) rounded to bf16, so that the
 same weights served in fp32 or as a bf16 copy (``--precision``) give the same fingerprint, and other weights
-(another checkpoint, a new random initialisation) another one.
+(another checkpoint, a new random initialisation) another one. The base model's is taken from the weights
+the engine's copy was made from (``engine.loaded.model``), so that an int8 copy, whose quantised layers
+no longer hold those weights, has the fp32 model's fingerprint too.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 def model_identity(engine: Engine, adapter: Optional[str] = None) -> Dict[str, Any]:
     """The identity an index records and checks (computed once per engine and adapter)."""
-    model = engine.model_for(adapter)
+    model = engine.model_for(adapter) if adapter is not None else engine.loaded.model
     if model not in _FINGERPRINTS:
         _FINGERPRINTS[model] = weights_fingerprint(model)
     loaded = engine.loaded

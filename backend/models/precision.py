@@ -8,7 +8,8 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+from .precision_names import PRECISIONS
+
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -43,10 +44,12 @@ def native_bf16_cpu(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 @dataclass(frozen=True)
 class Precision:
-    """How the engine runs a model: ``name`` as reported, CUDA ``autocast`` dtype, CPU ``weights`` dtype."""
+    """How the engine runs a model: ``name`` as reported, CUDA ``autocast`` dtype, CPU ``weights`` dtype, and
+    ``int8``: whether the CPU copy's Linear layers are dynamically quantised (its inputs stay ``weights``)."""
     name: str
     autocast: Optional[torch.dtype] = None
     weights: torch.dtype = torch.float32
+    int8: bool = False
 
 
 def resolve_precision(requested: str, device: torch.device, cpu_bf16: Optional[bool] = None) -> Precision:
@@ -54,12 +57,18 @@ def resolve_precision(requested: str, device: torch.device, cpu_bf16: Optional[b
 
     CUDA: autocast to bf16 (fp16 where bf16 is not supported) for ``auto``, or as asked. CPU: autocast is
     slower than fp32 there, so ``bf16`` casts the base model's weights instead; ``auto`` picks it where the
-    CPU has native bf16 (``native_bf16_cpu``), else fp32. ``fp32`` is exact everywhere.
+    CPU has native bf16 (``native_bf16_cpu``), else fp32. ``fp32`` is exact everywhere. ``int8`` (CPU only,
+    never picked by ``auto``) runs a copy whose Linear layers are dynamically quantised (``models.quantize``).
     """
     if requested not in PRECISIONS:
         raise ValueError(f"unknown precision {requested!r}; choose from {', '.join(PRECISIONS)}")
     if requested == "fp32":
         return Precision("fp32")
+    if requested == "int8":
+        if device.type != "cpu":
+            raise ValueError(f"int8 runs on a CPU only (dynamically quantised layers have no {device.type} "
+                             "kernels): on a GPU use auto (bf16 autocast) or fp16, or run on the CPU with --device cpu")
+        return Precision("int8", int8=True)
     if device.type == "cuda":
         if requested == "auto":
             requested = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -69,6 +78,14 @@ def resolve_precision(requested: str, device: torch.device, cpu_bf16: Optional[b
     if requested == "auto":
         requested = "bf16" if (native_bf16_cpu() if cpu_bf16 is None else cpu_bf16) else "fp32"
     return Precision(requested, weights=_DTYPES[requested])
+
+
+def inference_copy(model: torch.nn.Module, precision: Precision) -> torch.nn.Module:
+    """The base model as ``precision`` runs it: an int8 copy, a cast copy, or ``model`` itself (fp32)."""
+    if precision.int8:
+        from .quantize import int8_copy
+        return int8_copy(model)
+    return cast_copy(model, precision.weights)
 
 
 def cast_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

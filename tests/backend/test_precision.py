@@ -63,6 +63,33 @@ def test_precision_resolution(monkeypatch):
     assert resolve_precision("fp16", CUDA).autocast == torch.float16
 
 
+def test_int8_is_cpu_only_and_never_picked_by_auto(monkeypatch):
+    p = resolve_precision("int8", CPU)
+    assert (p.name, p.autocast, p.weights, p.int8) == ("int8", None, torch.float32, True)  # fp32 inputs
+    for native in (True, False):
+        assert not resolve_precision("auto", CPU, cpu_bf16=native).int8
+    for supported in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, supported=supported, **k: supported)
+        assert not resolve_precision("auto", CUDA).int8
+    for device in (CUDA, torch.device("mps")):
+        with pytest.raises(ValueError, match=f"int8 runs on a CPU only .*no {device.type} kernels.*--device cpu"):
+            resolve_precision("int8", device)
+    assert not any(resolve_precision(n, CPU).int8 for n in ("fp32", "bf16"))
+
+
+def test_the_commands_offer_the_one_list_of_precisions():
+    from backend.cli import build_parser
+    from backend.models.precision import PRECISIONS
+    assert "int8" in PRECISIONS
+    parser = build_parser()
+    for argv in (["serve"], ["index", "build", "--index", "x", "r.tif"]):
+        sub = parser._subparsers._group_actions[0].choices[argv[0]]
+        if len(argv) > 2:
+            sub = sub._subparsers._group_actions[0].choices[argv[1]]
+        (action,) = [a for a in sub._actions if "--precision" in a.option_strings]
+        assert action.choices is PRECISIONS
+
+
 @pytest.fixture
 def bf16_engine(tiny):
     return Engine(tiny, EngineConfig(batch_size=8, precision="bf16", cache_bytes=0))
