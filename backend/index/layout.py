@@ -220,7 +220,7 @@ class IndexStore:
             import lance
             try:
                 self._lance[name] = lance.dataset(str(self.path / f"{name}.lance"), session=lance_session())
-            except (ValueError, OSError):  # missing, or no committed version yet
+            except Exception:  # missing, no committed version yet, or unreadable: _table() gives the typed error
                 self._lance[name] = None
         return self._lance[name]
 

@@ -36,10 +36,10 @@ def qgis_app():
 
 
 @pytest.fixture(autouse=True)
-def outputs_in_test_home(tmp_path, monkeypatch):
-    """An unsaved project's outputs (``~/mapquery_outputs``) land in the test's folder, not the user's home."""
-    home = tmp_path / "home"
-    home.mkdir()
+def outputs_in_test_home(tmp_path_factory, monkeypatch):
+    """An unsaved project's outputs (``~/mapquery_outputs``) land in a folder of the test's own, not the user's
+    home (beside ``tmp_path``, whose contents some tests check)."""
+    home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("HOME", str(home))
     return home
 
