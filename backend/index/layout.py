@@ -376,8 +376,8 @@ class IndexStore:
 
     def finish(self) -> Dict[str, Any]:
         """After a build: compact the small commits, drop versions older than a few minutes (a reader opens
-        the latest version for each request), and build the ANN index on a large table, again once the rows it
-        does not hold pass ``ANN_REBUILD_SHARE`` (those are searched exactly until then).
+        the latest version again after any commit: ``is_current``), and build the ANN index on a large table,
+        again once the rows it does not hold pass ``ANN_REBUILD_SHARE`` (those are searched exactly until then).
 
         Not ``optimize()``: on a table with an IVF index, its index step re-partitions the index into a
         handful of huge partitions (Lance 14: 387 -> 5 on 150,000 rows), so every search scans most rows
